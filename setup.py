@@ -1,0 +1,28 @@
+"""Installs llamatrain from src/ and llamatrain.kernels from the top-level kernels/ folder."""
+
+from setuptools import setup
+
+setup(
+    name="llamatrain",
+    version="0.1.0",
+    description="Pretraining and SFT of Llama 2-family models on SLURM GPU clusters",
+    python_requires=">=3.11",
+    packages=["llamatrain", "llamatrain.kernels"],
+    package_dir={"llamatrain": "src/llamatrain", "llamatrain.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "numpy>=1.24",
+        "sentencepiece>=0.2",
+        "zstandard>=0.22",
+        "matplotlib>=3.7",
+        "triton>=3.1; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.40", "safetensors>=0.4"],
+        "wandb": ["wandb>=0.16"],
+        "tensorboard": ["tensorboard>=2.15"],
+        # flash-attn builds against the local CUDA toolkit; NVIDIA apex is not on PyPI and is
+        # imported optionally where it helps (train.optimizer = "apex_fused_adam").
+        "gpu": ["flash-attn>=2.5", "nvidia-ml-py>=12"],
+    },
+)
