@@ -1,0 +1,163 @@
+"""The ops the model calls, each with a plain PyTorch reference.
+
+`set_backend` chooses between the references (`torch`) and the fused Triton kernels of
+`llamatrain.kernels` (`triton`); `auto` means Triton on CUDA and PyTorch elsewhere. The `*_ref`
+functions are the specification the kernels are tested against: simple, in fp32, never clever.
+Tensors are in (batch, seq, heads, head_dim) layout.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "triton", "torch")
+
+_kernels: ModuleType | None = None
+
+
+def set_backend(backend: str, device_type: str = "cpu") -> str:
+    """Select the implementation of every op; returns the resolved backend (`triton` or `torch`).
+
+    On a CPU, `triton` runs the kernels through Triton's interpreter: importing
+    `llamatrain.kernels` takes care that the interpreter is on before Triton is imported.
+    """
+    global _kernels
+    if backend not in BACKENDS:
+        raise ValueError(f"kernels.backend = {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if device_type == "cuda" else "torch"
+    if backend == "torch":
+        _kernels = None
+        return backend
+    from llamatrain import kernels
+
+    _kernels = kernels
+    return backend
+
+
+def get_backend() -> str:
+    return "torch" if _kernels is None else "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in x's dtype (Meta's)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def rotary_ref(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate adjacent pairs (2i, 2i+1) of q and k by the angles whose cos/sin are given.
+
+    cos and sin have shape (>= offset + seq, head_dim // 2); row `offset + t` is used at t.
+    """
+    seq = q.shape[1]
+    c = cos[offset : offset + seq].float()[None, :, None, :]
+    s = sin[offset : offset + seq].float()[None, :, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+        return out.flatten(-2).type_as(x)
+
+    return rotate(q), rotate(k)
+
+
+def attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True
+) -> torch.Tensor:
+    """Softmax attention in fp32 with k/v heads repeated for grouped-query attention."""
+    n_rep = q.shape[2] // k.shape[2]
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    kf = kf.repeat_interleave(n_rep, dim=1)
+    vf = vf.repeat_interleave(n_rep, dim=1)
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s_q, s_k = scores.shape[-2:]
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = scores.softmax(-1) @ vf
+    return out.transpose(1, 2).type_as(q)
+
+
+def cross_entropy_ref(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean negative log-likelihood over targets != ignore_index, in fp32; 0 if all are ignored."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model calls
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x, or with `residual`: (rms_norm(x + residual), x + residual)."""
+    if _kernels is not None:
+        return _kernels.rms_norm(x, weight, eps, residual=residual)
+    if residual is None:
+        return rms_norm_ref(x, weight, eps)
+    h = x + residual
+    return rms_norm_ref(h, weight, eps), h
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if _kernels is not None:
+        return _kernels.swiglu(gate, up)
+    return swiglu_ref(gate, up)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _kernels is not None:
+        return _kernels.rotary(q, k, cos, sin)
+    return rotary_ref(q, k, cos, sin)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True
+) -> torch.Tensor:
+    if _kernels is not None:
+        return _kernels.attention(q, k, v, causal=causal)
+    # SDPA picks flash/memory-efficient kernels where it can and repeats no k/v (enable_gqa).
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=causal,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    if _kernels is not None:
+        return _kernels.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return cross_entropy_ref(logits, targets, ignore_index)
