@@ -1,0 +1,383 @@
+"""Run configuration: one dataclass per TOML section, loaded from a file plus `section.key=value`
+overrides, then validated.
+
+Every field carries its help text in `metadata["help"]`: `python -m llamatrain.config --markdown`
+prints the reference that README.md carries (a test keeps the two equal). Mistakes are a ValueError
+that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _f(default: Any, help: str, *, key: str | None = None) -> Any:
+    metadata = {"help": help}
+    if key is not None:
+        metadata["key"] = key
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("llamatrain", "Name of the run, shown in logs and the report.")
+    dir: str = _f("runs/llamatrain", "Directory for checkpoints, metrics, config and report.")
+
+
+@dataclass
+class ModelConfig:
+    dim: int = _f(4096, "Model width (embedding size).")
+    n_layers: int = _f(32, "Number of transformer blocks.")
+    n_heads: int = _f(32, "Number of query heads.")
+    n_kv_heads: int = _f(32, "Number of key/value heads (grouped-query attention when fewer).")
+    vocab_size: int = _f(32000, "Vocabulary size of the tokenizer.")
+    multiple_of: int = _f(256, "FFN hidden size is rounded up to a multiple of this.")
+    ffn_dim_multiplier: float = _f(1.0, "Scales the FFN hidden size 8/3*dim (1.3 for 70B).")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
+    rope_theta: float = _f(10000.0, "Rotary embedding base.")
+    max_seq_len: int = _f(4096, "Longest sequence the rotary tables cover.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """Meta's rule: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of."""
+        hidden = int(2 * 4 * self.dim / 3)
+        hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(480_000, "Optimizer steps to train for.")
+    seed: int = _f(0, "Seed for weights, data order and dropout-free RNG state.")
+    lr: float = _f(3e-4, "Peak learning rate.")
+    min_lr_ratio: float = _f(0.1, "Cosine decay ends at this fraction of the peak (paper: 10%).")
+    warmup_steps: int = _f(2000, "Linear warmup steps.")
+    weight_decay: float = _f(0.1, "AdamW weight decay, applied to 2-D weight matrices only.")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    eps: float = _f(1e-5, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
+    global_batch_tokens: int = _f(4 * 1024 * 1024, "Tokens per optimizer step over all ranks.")
+    micro_batch_size: int = _f(1, "Sequences per rank per forward/backward.")
+    seq_len: int = _f(4096, "Training sequence length.")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+    optimizer: str = _f("adamw", "adamw (torch, fused on CUDA) or apex_fused_adam.")
+    eval_interval: int = _f(0, "Validation loss every this many steps (0 = only at the end).")
+    eval_batches: int = _f(4, "Micro-batches per rank in one validation pass.")
+    max_bad_steps: int = _f(5, "Stop after this many non-finite losses in a row.")
+    deterministic: bool = _f(False, "Use deterministic algorithms (bit-identical reruns).")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f(
+        "python-stdlib",
+        "python-stdlib, a file or directory of text/.jsonl(.gz/.zst), or a prepared directory.",
+    )
+    format: str = _f("pretrain", "pretrain (packed documents) or sft (prompt/response .jsonl).")
+    cache_dir: str = _f("~/.cache/llamatrain", "Where prepared sources are cached.")
+    tokenizer: str = _f("", "SentencePiece model to use; empty trains one on the source.")
+    text_key: str = _f("text", "Field of a .jsonl record that holds the document.")
+    val_fraction: float = _f(0.01, "Fraction of documents held out for validation.")
+    workers: int = _f(0, "Tokenizer processes for prepare (0 = all cores).")
+    tokenizer_sample: int = _f(200_000, "Most sentences sampled to train the tokenizer.")
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = _f(-1, "FSDP shard group size (-1 = world size / dp_replicate).")
+    dp_replicate: int = _f(1, "Replica groups, HSDP when > 1 (-1 = world size / dp_shard).")
+    activation_checkpointing: str = _f("none", "none, full or selective (every other block).")
+    compile: bool = _f(False, "torch.compile each transformer block.")
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = _f("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch.")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _f(500, "Save every this many steps (and at the end).")
+    keep: int = _f(3, "Newest checkpoints kept on disk.")
+    async_save: bool = _f(False, "Save in the background; block only while staging.", key="async")
+    init_from: str = _f("", "Checkpoint to initialise a new run from (weights only).")
+
+
+@dataclass
+class MetricsConfig:
+    log_interval: int = _f(10, "Log a line and a metrics.jsonl record every this many steps.")
+    wandb: bool = _f(False, "Also log to Weights & Biases (needs the wandb extra).")
+    tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard extra).")
+    profile_steps: int = _f(0, "Record a torch.profiler trace of this many steps (0 = off).")
+
+
+@dataclass
+class CarbonConfig:
+    power_w: float = _f(0.0, "Watts per device when NVML cannot measure (0 = the device's TDP).")
+    pue: float = _f(1.0, "Power usage effectiveness of the data centre.")
+    intensity_kg_per_kwh: float = _f(0.4235, "kg CO2eq per kWh (the factor behind Table 2).")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    carbon: CarbonConfig = field(default_factory=CarbonConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _keys(section_cls: type) -> dict[str, dataclasses.Field]:
+    """TOML key -> dataclass field of a section."""
+    return {f.metadata.get("key", f.name): f for f in dataclasses.fields(section_cls)}
+
+
+def _closest(word: str, options: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check a TOML value against a field's type; ints are accepted where floats are."""
+    if isinstance(tp, types.UnionType):
+        raise TypeError(f"unsupported config type {tp}")
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ValueError(f"{key} = {value!r}: expected {_type_name(tp)}")
+    return value
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    """'--section.key=value' -> (section, key, value), the value read as TOML where it parses."""
+    body = text[2:] if text.startswith("--") else text
+    name, sep, raw = body.partition("=")
+    section, dot, key = name.partition(".")
+    if not sep or not dot or not section or not key:
+        raise ValueError(f"override {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section [{section}]{_closest(section, SECTIONS)}")
+    fields = _keys(SECTIONS[section])
+    if key not in fields:
+        allowed = ", ".join(fields)
+        raise ValueError(
+            f"unknown key {section}.{key}{_closest(key, fields)} (allowed: {allowed})"
+        )
+    f = fields[key]
+    tp = typing.get_type_hints(SECTIONS[section])[f.name]
+    if tp is str and not isinstance(value, str):
+        value = str(value).lower() if isinstance(value, bool) else str(value)
+    setattr(getattr(cfg, section), f.name, _coerce(f"{section}.{key}", value, tp))
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} = {value!r}: expected one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{key} = {value!r}: expected a number {bound}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values for sense; raise ValueError naming the first bad key."""
+    m, t = cfg.model, cfg.train
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    for key in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.dim % m.n_heads:
+        raise ValueError(f"model.dim = {m.dim}: must be divisible by model.n_heads = {m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise ValueError(
+            f"model.n_kv_heads = {m.n_kv_heads}: must divide model.n_heads = {m.n_heads}"
+        )
+    if m.head_dim % 2:
+        raise ValueError(f"model.dim / model.n_heads = {m.head_dim}: head_dim must be even")
+    for key in ("steps", "lr", "global_batch_tokens", "micro_batch_size", "seq_len", "beta1",
+                "eps", "max_bad_steps"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_interval", "eval_batches",
+                "seed"):
+        _positive(f"train.{key}", getattr(t, key), zero_ok=True)
+    if not 0 < t.beta2 < 1 or not 0 < t.beta1 < 1:
+        raise ValueError(f"train.beta1/beta2 = {t.beta1}/{t.beta2}: expected values in (0, 1)")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ValueError(f"train.min_lr_ratio = {t.min_lr_ratio}: expected a value in [0, 1]")
+    if t.warmup_steps >= t.steps:
+        raise ValueError(
+            f"train.warmup_steps = {t.warmup_steps}: must be shorter than train.steps = {t.steps}"
+        )
+    if t.seq_len > m.max_seq_len:
+        raise ValueError(
+            f"train.seq_len = {t.seq_len}: exceeds model.max_seq_len = {m.max_seq_len}"
+        )
+    _choice("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
+    _choice("train.optimizer", t.optimizer, ("adamw", "apex_fused_adam"))
+    _choice("data.format", cfg.data.format, ("pretrain", "sft"))
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ValueError(f"data.val_fraction = {cfg.data.val_fraction}: expected [0, 1)")
+    _positive("data.workers", cfg.data.workers, zero_ok=True)
+    _positive("data.tokenizer_sample", cfg.data.tokenizer_sample)
+    p = cfg.parallel
+    for key in ("dp_shard", "dp_replicate"):
+        value = getattr(p, key)
+        if value == 0 or value < -1:
+            raise ValueError(f"parallel.{key} = {value}: expected -1 (the rest) or >= 1")
+    if p.dp_shard == -1 and p.dp_replicate == -1:
+        raise ValueError("parallel.dp_shard and parallel.dp_replicate are both -1: set one")
+    _choice("parallel.activation_checkpointing", p.activation_checkpointing,
+            ("none", "full", "selective"))
+    _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))
+    _positive("checkpoint.interval", cfg.checkpoint.interval)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("metrics.log_interval", cfg.metrics.log_interval)
+    _positive("metrics.profile_steps", cfg.metrics.profile_steps, zero_ok=True)
+    _positive("carbon.power_w", cfg.carbon.power_w, zero_ok=True)
+    _positive("carbon.pue", cfg.carbon.pue)
+    _positive("carbon.intensity_kg_per_kwh", cfg.carbon.intensity_kg_per_kwh, zero_ok=True)
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{section} = {values!r}: expected a [{section}] table")
+        for key, value in values.items():
+            _apply(cfg, section, key, value)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a TOML file (or the defaults when path is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {str(path)!r}: {e}") from None
+    cfg = from_dict(data)
+    for text in overrides:
+        _apply(cfg, *_parse_override(text))
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {
+        section: {
+            f.metadata.get("key", f.name): getattr(getattr(cfg, section), f.name)
+            for f in dataclasses.fields(SECTIONS[section])
+        }
+        for section in SECTIONS
+    }
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, readable back by load_config."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The configuration reference table for README.md."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    defaults = to_dict(Config())
+    for section, cls in SECTIONS.items():
+        for key, f in _keys(cls).items():
+            lines.append(f"| `{section}.{key}` | `{defaults[section][key]!r}` | "
+                         f"{f.metadata['help']} |")
+    return "\n".join(lines)
+
+
+def split_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`--config PATH` (or `--config=PATH`) and the `--section.key=value` overrides of a CLI."""
+    path: str | None = None
+    overrides: list[str] = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config":
+            if not args:
+                raise ValueError("--config: expected a path")
+            path = args.pop(0)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            if "=" not in arg and args and not args[0].startswith("--"):
+                arg = f"{arg}={args.pop(0)}"
+            overrides.append(arg)
+        else:
+            raise ValueError(f"argument {arg!r}: expected --config PATH or --section.key=value")
+    return path, overrides
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a CLI entry point: a ValueError is one line on stderr and exit status 2."""
+    try:
+        code = main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(reference_markdown())
+    else:
+        print("usage: python -m llamatrain.config --markdown", file=sys.stderr)
+        sys.exit(2)
