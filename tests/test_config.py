@@ -1,0 +1,94 @@
+"""Config loading: TOML + overrides, and one clear line for every mistake."""
+
+import subprocess
+import sys
+
+import pytest
+
+from llamatrain.config import Config, load_config, reference_markdown, split_cli, to_toml
+
+
+def test_overrides_apply_on_top_of_the_file_with_or_without_dashes():
+    cfg = load_config("configs/tiny.toml", ["--train.steps=50", "model.dim=128",
+                                            "--run.dir=/tmp/x", "--checkpoint.async=true"])
+    assert (cfg.train.steps, cfg.model.dim, cfg.run.dir) == (50, 128, "/tmp/x")
+    assert cfg.checkpoint.async_save is True
+    assert cfg.model.n_layers == 4  # from the file
+
+
+def test_ints_are_accepted_for_floats_and_strings_need_no_quotes():
+    cfg = load_config("configs/tiny.toml", ["--train.lr=1", "--data.source=/some/dir"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.data.source == "/some/dir"
+
+
+def test_resolved_toml_loads_back_to_the_same_config(tmp_path):
+    cfg = load_config("configs/llama2_70b.toml", ["--train.steps=10", "--train.warmup_steps=2"])
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--trian.steps=3", "unknown section [trian]; did you mean 'train'?"),
+        ("--train.stpes=3", "unknown key train.stpes; did you mean 'steps'?"),
+        ("--train.steps=ten", "train.steps = 'ten': expected an integer"),
+        ("--train.lr=fast", "train.lr = 'fast': expected a number"),
+        ("--parallel.compile=3", "parallel.compile = 3: expected true or false"),
+        ("--model.n_kv_heads=3", "model.n_kv_heads = 3: must divide model.n_heads = 8"),
+        ("--model.dim=100", "model.dim = 100: must be divisible by model.n_heads = 8"),
+        ("--train.lr=-0.1", "train.lr = -0.1: expected a number > 0"),
+        ("--train.steps=0", "train.steps = 0: expected a number > 0"),
+        ("--train.warmup_steps=300", "train.warmup_steps = 300: must be shorter than"),
+        ("--kernels.backend=cuda", "kernels.backend = 'cuda': expected one of auto, triton, torch"),
+        ("--train.dtype=fp8", "train.dtype = 'fp8': expected one of auto, bf16, fp32"),
+        ("--train.seq_len=1024", "train.seq_len = 1024: exceeds model.max_seq_len = 256"),
+        ("--parallel.dp_shard=0", "parallel.dp_shard = 0: expected -1"),
+        ("train.steps", "override 'train.steps': expected section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config("configs/tiny.toml", [override])
+    assert message in str(err.value)
+
+
+def test_missing_file_names_the_path():
+    with pytest.raises(ValueError, match="config file 'configs/nope.toml' not found"):
+        load_config("configs/nope.toml")
+
+
+def test_unknown_key_in_the_file_is_reported(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\ndimm = 3\n")
+    with pytest.raises(ValueError, match="unknown key model.dimm; did you mean 'dim'"):
+        load_config(path)
+
+
+def test_split_cli_reads_config_and_overrides_in_both_spellings():
+    assert split_cli(["--config", "a.toml", "--train.steps=3", "--run.dir", "d"]) == (
+        "a.toml", ["--train.steps=3", "--run.dir=d"])
+    with pytest.raises(ValueError, match="expected --config PATH"):
+        split_cli(["oops"])
+
+
+def test_cli_prints_one_line_and_exits_nonzero_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamatrain.train", "--config", "configs/tiny.toml",
+         "--model.n_kv_heads=3", f"--run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: model.n_kv_heads = 3: must divide model.n_heads = 8"]
+
+
+def test_readme_configuration_reference_matches_the_dataclasses():
+    readme = open("README.md").read()
+    assert reference_markdown() in readme, "regenerate: python -m llamatrain.config --markdown"
+
+
+def test_defaults_are_valid():
+    assert load_config(None) == Config()
