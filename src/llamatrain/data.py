@@ -1,0 +1,432 @@
+"""The data API of the trainer: prepare a `data.source` once into the cache, load its token shards
+as a dataset of fixed-length samples, and hand them out through the GlobalSampler.
+
+A pretraining sample i is the window of seq_len + 1 tokens starting at token i * seq_len of the
+split, packed across document boundaries as the paper does. An SFT sample packs whole examples
+(BOS prompt <sep> response EOS) back to back into seq_len + 1 tokens and pads the rest; its labels
+are -100 on the prompt, the separator and padding, so the loss covers answer tokens only (§3.1).
+
+CLI: `python -m llamatrain.data prepare --input PATH [PATH ...] --out DIR
+[--tokenizer MODEL | --vocab-size N] [--workers N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from llamatrain.data_prepare import EMPTY, FORMATS, STDLIB, PrepareOptions, build, collect_files
+from llamatrain.sampler import GlobalSampler
+from llamatrain.tokenizer import TRAINER_SETTINGS, Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["GlobalSampler", "PretrainDataset", "SFTDataset", "load_dataset", "prepare_source"]
+
+IGNORE_INDEX = -100
+# Bump when the shard layout or tokenisation changes, so old cache entries are not reused.
+CACHE_VERSION = 1
+
+
+class DataConfigLike(Protocol):
+    """The fields of config.DataConfig that data needs."""
+
+    source: str
+    format: str
+    cache_dir: str
+    tokenizer: str
+    text_key: str
+    val_fraction: float
+    workers: int
+    tokenizer_sample: int
+
+
+def _options(cfg: DataConfigLike, *, progress: bool = True) -> PrepareOptions:
+    return PrepareOptions(
+        format=cfg.format,
+        text_key=cfg.text_key,
+        val_fraction=cfg.val_fraction,
+        workers=cfg.workers,
+        tokenizer_sample=cfg.tokenizer_sample,
+        progress=progress,
+    )
+
+
+def read_meta(path: Path) -> dict:
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"dataset: {str(path)!r} has no meta.json; run `prepare` on it first")
+    return json.loads(meta_path.read_text())
+
+
+def _source_identity(source: str) -> dict[str, Any]:
+    """What names a source in the cache key: the stdlib by interpreter, a path by its top-level
+    stat. Edits deep inside a directory are not seen (walking a huge corpus on every rank would
+    cost more than it saves); delete the cache entry after changing files in place."""
+    if source == STDLIB:
+        return {"source": STDLIB, "python": sys.version, "prefix": sys.base_prefix}
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise ValueError(
+            f"data.source={source!r} does not exist; allowed: {STDLIB}, or a file or directory"
+        )
+    st = p.stat()
+    return {"source": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(cfg: DataConfigLike, *, vocab_size: int) -> str:
+    """Hash of everything that changes the prepared shards (not the worker count)."""
+    if cfg.tokenizer:
+        tokenizer: dict[str, Any] = {"sha256": load_tokenizer(cfg.tokenizer).sha256}
+    else:
+        tokenizer = {
+            "vocab_size": vocab_size,
+            "sample": cfg.tokenizer_sample,
+            "settings": TRAINER_SETTINGS,
+        }
+    key = {
+        "version": CACHE_VERSION,
+        **_source_identity(cfg.source),
+        "format": cfg.format,
+        "text_key": cfg.text_key,
+        "val_fraction": cfg.val_fraction,
+        "tokenizer": tokenizer,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_prepared(path: Path, cfg: DataConfigLike, *, vocab_size: int) -> None:
+    meta = read_meta(path)
+    if meta["format"] != cfg.format:
+        raise ValueError(
+            f"data.format={cfg.format!r} but {str(path)!r} was prepared as {meta['format']!r}"
+        )
+    if meta["vocab_size"] > vocab_size:
+        raise ValueError(
+            f"model vocab_size={vocab_size} is smaller than the tokenizer's {meta['vocab_size']} "
+            f"of {str(path)!r}; allowed: vocab_size >= {meta['vocab_size']}"
+        )
+    if cfg.tokenizer and load_tokenizer(cfg.tokenizer).sha256 != meta["tokenizer_sha256"]:
+        raise ValueError(
+            f"data.tokenizer={cfg.tokenizer!r} is not the tokenizer {str(path)!r} was prepared with"
+        )
+
+
+def prepare_source(cfg: DataConfigLike, *, vocab_size: int) -> Path:
+    """Directory of the prepared `cfg.source`: prepared now into cfg.cache_dir unless cached.
+
+    Several processes may call this at once (ranks, nodes on a shared file system): each builds in
+    its own temporary directory and renames it into place; whoever loses the race discards its
+    copy and returns the winner's. A prepared directory (with meta.json) is used as it is.
+    """
+    if cfg.format not in FORMATS:
+        raise ValueError(f"data.format={cfg.format!r}; allowed: {', '.join(FORMATS)}")
+    if cfg.source != STDLIB and (Path(cfg.source).expanduser() / "meta.json").is_file():
+        path = Path(cfg.source).expanduser()
+        _check_prepared(path, cfg, vocab_size=vocab_size)
+        return path
+    if cfg.tokenizer:
+        tok_vocab = load_tokenizer(cfg.tokenizer).vocab_size
+        if tok_vocab > vocab_size:
+            raise ValueError(
+                f"data.tokenizer={cfg.tokenizer!r} has {tok_vocab} pieces, more than the model's "
+                f"vocab_size={vocab_size}; allowed: vocab_size >= {tok_vocab}"
+            )
+    name = STDLIB if cfg.source == STDLIB else Path(cfg.source).expanduser().resolve().name
+    cache = Path(cfg.cache_dir).expanduser()
+    final = cache / f"{name}-{cfg.format}-{cache_key(cfg, vocab_size=vocab_size)}"
+    if (final / "meta.json").is_file():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        build(
+            [cfg.source],
+            tmp,
+            _options(cfg),
+            tokenizer=cfg.tokenizer,
+            vocab_size=vocab_size,
+            key="data.source",
+        )
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            # Lost the race to another process: its copy is identical; keep that one.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class TokenStream:
+    """One split's shards, memory-mapped, read as one array."""
+
+    def __init__(self, path: Path, meta: dict, split: str) -> None:
+        if split not in meta["splits"]:
+            raise ValueError(f"split={split!r}; allowed: {', '.join(meta['splits'])}")
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+        shards = meta["splits"][split]["shards"]
+        self.arrays = [np.memmap(path / s["file"], dtype=dtype, mode="r") for s in shards]
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.num_tokens = int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries."""
+        out = np.empty(length, dtype=np.int64)
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        done = 0
+        while done < length:
+            a, offset = self.arrays[k], start + done - int(self.starts[k])
+            n = min(length - done, len(a) - offset)
+            out[done : done + n] = a[offset : offset + n]
+            done, k = done + n, k + 1
+        return out
+
+    def positions_of(self, token_id: int) -> np.ndarray:
+        """Every position of token_id in the stream."""
+        found = [
+            np.flatnonzero(a == token_id) + s
+            for a, s in zip(self.arrays, self.starts[:-1], strict=True)
+        ]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class _Dataset:
+    path: Path
+    meta: dict
+    seq_len: int
+    split: str
+    stream: TokenStream = field(init=False, repr=False)
+    _tokenizer: Tokenizer | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stream = TokenStream(self.path, self.meta, self.split)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path / "tokenizer.model")
+        return self._tokenizer
+
+    def _check(self, indices: list[int]) -> None:
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"sample index {bad[0]} out of range [0, {len(self)})")
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+class PretrainDataset(_Dataset):
+    """Sample i: tokens [i * seq_len, i * seq_len + seq_len + 1) of the split, shifted by one."""
+
+    def __len__(self) -> int:
+        return max(0, (self.stream.num_tokens - 1) // self.seq_len)
+
+    def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        import torch  # here, not at the top: spawned `prepare` workers never pay for it
+
+        self._check(indices)
+        windows = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for row, i in enumerate(indices):
+            windows[row] = self.stream.read(i * self.seq_len, self.seq_len + 1)
+        return {
+            "input_ids": torch.from_numpy(windows[:, :-1].copy()),
+            "labels": torch.from_numpy(windows[:, 1:].copy()),
+        }
+
+
+class SFTDataset(_Dataset):
+    """Examples packed greedily, in stored order, into samples of seq_len + 1 tokens.
+
+    An example longer than a sample is cut to it; one whose prompt alone fills it is dropped, as
+    it has no answer token to learn from.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bos = self.stream.positions_of(self.meta["bos_id"])
+        ends = np.append(bos[1:], self.stream.num_tokens)
+        # The first separator after each BOS (encode() never yields it, so it is unambiguous even
+        # when the separator is EOS).
+        seps = self.stream.positions_of(self.meta["sep_id"])
+        sep = seps[np.searchsorted(seps, bos)]
+        cap = self.seq_len + 1
+        self.samples: list[tuple[int, int]] = []  # token span of each sample
+        self.answers: list[tuple[int, int]] = []  # token spans that carry loss
+        self.sample_answers: list[tuple[int, int]] = []  # range of self.answers per sample
+        self.num_dropped = self.num_truncated = 0
+        start = length = 0
+        for b, s, e in zip(bos.tolist(), sep.tolist(), ends.tolist(), strict=True):
+            if s + 1 - b >= cap:
+                self.num_dropped += 1
+                continue
+            if length and (b != start + length or length + (e - b) > cap):
+                self._close(start, length)
+                length = 0
+            if not length:
+                start = b
+            if e - b > cap:
+                self.num_truncated += 1
+            length = min(length + (e - b), cap)
+            self.answers.append((s + 1, e))
+        if length:
+            self._close(start, length)
+
+    def _close(self, start: int, length: int) -> None:
+        first = self.sample_answers[-1][1] if self.sample_answers else 0
+        self.samples.append((start, length))
+        self.sample_answers.append((first, len(self.answers)))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        import torch  # here, not at the top: spawned `prepare` workers never pay for it
+
+        self._check(indices)
+        cap = self.seq_len + 1
+        windows = np.full((len(indices), cap), self.meta["eos_id"], dtype=np.int64)
+        loss = np.zeros((len(indices), cap), dtype=bool)
+        for row, i in enumerate(indices):
+            start, length = self.samples[i]
+            windows[row, :length] = self.stream.read(start, length)
+            a0, a1 = self.sample_answers[i]
+            for s, e in self.answers[a0:a1]:
+                loss[row, s - start : min(e, start + length) - start] = True
+        labels = np.where(loss[:, 1:], windows[:, 1:], IGNORE_INDEX)
+        return {
+            "input_ids": torch.from_numpy(windows[:, :-1].copy()),
+            "labels": torch.from_numpy(labels),
+        }
+
+
+def load_dataset(
+    path: str | Path, cfg: DataConfigLike, *, seq_len: int, split: str = "train"
+) -> PretrainDataset | SFTDataset:
+    """The split of a prepared directory as fixed-length samples of seq_len tokens."""
+    path = Path(path)
+    meta = read_meta(path)
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len}; allowed: >= 1")
+    if meta["format"] != cfg.format:
+        raise ValueError(
+            f"data.format={cfg.format!r} but {str(path)!r} was prepared as {meta['format']!r}"
+        )
+    cls = SFTDataset if meta["format"] == "sft" else PretrainDataset
+    return cls(path, meta, seq_len, split)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
+    """Rename the finished tmp to out, replacing an old out only when asked."""
+    if out.exists() and overwrite:
+        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash)
+    else:
+        os.rename(tmp, out)  # onto an empty directory too; anything else was refused earlier
+
+
+def prepare_dir(
+    inputs: list[str],
+    out: Path,
+    opts: PrepareOptions,
+    *,
+    tokenizer: str = "",
+    vocab_size: int = 32_000,
+    overwrite: bool = False,
+) -> dict:
+    """Prepare inputs into out, built aside and renamed so out never looks complete too early."""
+    out = out.expanduser()
+    if out.exists() and not overwrite:
+        if (out / "meta.json").is_file():
+            raise ValueError(f"--out={str(out)!r} is already prepared; pass --overwrite to redo it")
+        if not out.is_dir() or any(out.iterdir()):
+            raise ValueError(f"--out={str(out)!r} exists and is not empty; pass --overwrite")
+    collect_files(inputs)  # fail on missing inputs before any work
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        meta = build(inputs, tmp, opts, tokenizer=tokenizer, vocab_size=vocab_size)
+        publish(tmp, out, overwrite=overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llamatrain.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenise a corpus into token shards")
+    p.add_argument("--input", nargs="+", required=True, help=f"files, directories or {STDLIB}")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", default="", help="existing SentencePiece model to use")
+    tok.add_argument("--vocab-size", type=int, default=32_000, help="train a tokenizer this big")
+    p.add_argument("--workers", type=int, default=0, help="tokenising processes; 0 = all cores")
+    p.add_argument("--format", default="pretrain", choices=FORMATS)
+    p.add_argument("--text-key", default="text", help="JSON field of a .jsonl document")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--tokenizer-sample", type=int, default=200_000, help="lines to train on")
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared --out")
+    args = parser.parse_args(argv)
+    opts = PrepareOptions(
+        format=args.format,
+        text_key=args.text_key,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        tokenizer_sample=args.tokenizer_sample,
+    )
+    try:
+        meta = prepare_dir(
+            args.input,
+            args.out,
+            opts,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            overwrite=args.overwrite,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bad = [s for s in meta["skipped"] if s["reason"] != EMPTY]
+    for s in bad[:20]:
+        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    if len(bad) > 20:
+        print(f"... and {len(bad) - 20} more (see meta.json)", file=sys.stderr)
+    if len(meta["skipped"]) > len(bad):
+        print(f"skipped {len(meta['skipped']) - len(bad)} empty files", file=sys.stderr)
+    sp = meta["splits"]
+    print(
+        f"{args.out}: {meta['num_tokens']:,} tokens ({meta['dtype']}), {meta['num_documents']:,} "
+        f"documents (train {sp['train']['num_documents']:,}, val {sp['val']['num_documents']:,}), "
+        f"{len(meta['skipped'])} files skipped"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
