@@ -1,0 +1,570 @@
+"""Run accounting and projections: GPU-hours, energy and carbon of a finished run, the paper's
+Table 2, and the cost of a planned run with a model of FSDP's communication on IB or RoCE.
+
+Method (Llama 2 §2.2.1, Table 2): energy = devices x hours x power x PUE, where the power is NVML's
+measured total-energy counter when there is one, else the configured power or the device's TDP;
+tCO2eq = energy x carbon intensity.
+
+The default intensity, 0.4235 kg CO2eq/kWh (`carbon.intensity_kg_per_kwh`), is read off Table 2
+itself: 31.22 t / (184,320 h x 0.400 kW) = 0.42345, 62.44 / (368,640 x 0.400) = 0.42345,
+153.90 / (1,038,336 x 0.350) = 0.42348 and 291.42 / (1,720,320 x 0.400) = 0.42350; 0.4235
+reproduces every row within 0.02%. It equals the US-average 0.385 kg/kWh times a PUE of 1.1, the
+method of the LLaMA 1 paper; Table 2's caption says its power is already "adjusted for power usage
+efficiency", so `carbon.pue` defaults to 1.0 and the PUE lives in the factor.
+
+CLI: `python -m llamatrain.carbon estimate ...` and `python -m llamatrain.carbon project ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from llamatrain.config import CarbonConfig, ModelConfig, load_config, run_cli
+from llamatrain.flops import flops_per_token, num_params, peak_flops
+
+# (model, GPU-hours, W per GPU, tCO2eq): Table 2 of the paper.
+TABLE2: tuple[tuple[str, float, float, float], ...] = (
+    ("7B", 184_320, 400.0, 31.22),
+    ("13B", 368_640, 400.0, 62.44),
+    ("34B", 1_038_336, 350.0, 153.90),
+    ("70B", 1_720_320, 400.0, 291.42),
+)
+
+# MFU implied by Table 2 for 2T tokens, by flops.py's count at A100's 312 TFLOP/s: 44.5% (7B),
+# 42.1% (13B), 37.8% (34B, the 350 W production cluster), 46.0% (70B). 45% sits between the 7B and
+# 70B runs, both on RSC.
+PAPER_MFU = 0.45
+
+# Thermal design power per device, matched by substring of the lower-cased device name, more
+# specific patterns first. A100-SXM4 is 400 W, the cap at RSC; Meta's production cluster capped
+# the same parts at 350 W (set carbon.power_w = 350 to match it).
+_TDP_W: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("a100", "pcie"), 300.0),
+    (("a100",), 400.0),
+    (("h100", "pcie"), 350.0),
+    (("h100", "nvl"), 400.0),
+    (("h100",), 700.0),
+    (("h200", "nvl"), 600.0),
+    (("h200",), 700.0),
+)
+# An unknown NVIDIA part is charged like an A100; a CPU process like a share of a server socket.
+# Both are order-of-magnitude figures: set carbon.power_w for the machine at hand.
+UNKNOWN_GPU_W = 400.0
+CPU_W = 100.0
+
+
+def tdp_watts(device_name: str) -> float:
+    """Power charged per device when nothing is measured or configured."""
+    name = device_name.lower()
+    for patterns, watts in _TDP_W:
+        if all(p in name for p in patterns):
+            return watts
+    return UNKNOWN_GPU_W if "nvidia" in name else CPU_W
+
+
+def is_gpu(device_name: str) -> bool:
+    name = device_name.lower()
+    return any(all(p in name for p in patterns) for patterns, _ in _TDP_W) or "nvidia" in name
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured energy
+
+
+def _nvml_index(device: Any) -> int:
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        # Maps through CUDA_VISIBLE_DEVICES (NVML numbers every GPU on the machine).
+        return torch.cuda._get_nvml_device_index(index)
+    except Exception:
+        return index
+
+
+class EnergyMeter:
+    """Energy drawn by this process's GPU since construction, from NVML's total-energy counter.
+
+    Readings are None where there is nothing to read: a CPU, no nvidia-ml-py, no driver, a GPU
+    older than Volta. The counter is the whole GPU's, so another process on the same GPU counts.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self._pynvml: Any = None
+        self._handle: Any = None
+        self._start_mj = 0
+        try:
+            import torch
+
+            device = torch.device(device)
+            if device.type != "cuda":
+                return
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(device))
+            self._start_mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        except Exception:
+            # Never fail a training run over accounting: the caller falls back to TDP x time.
+            return
+        self._pynvml, self._handle = pynvml, handle
+
+    def kwh(self) -> float | None:
+        if self._handle is None:
+            return None
+        try:
+            now_mj = self._pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        except Exception:
+            return None
+        return (now_mj - self._start_mj) / 3.6e9  # mJ -> kWh
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting
+
+
+def _check(key: str, value: float, *, low: float = 0.0, strict: bool = False) -> None:
+    bad = value <= low if strict else value < low
+    if bad or math.isnan(value):
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise ValueError(f"{key} = {value!r}: expected a number {bound}")
+
+
+def estimate(
+    gpu_hours: float, power_w: float, *, pue: float | None = None, intensity: float | None = None
+) -> dict[str, float]:
+    """Energy and carbon of gpu_hours at power_w per device (Table 2's method)."""
+    defaults = CarbonConfig()
+    pue = defaults.pue if pue is None else pue
+    intensity = defaults.intensity_kg_per_kwh if intensity is None else intensity
+    _check("gpu_hours", gpu_hours)
+    _check("power_w", power_w)
+    _check("pue", pue, strict=True)
+    _check("intensity_kg_per_kwh", intensity)
+    energy_kwh = gpu_hours * power_w / 1000.0 * pue
+    return {
+        "gpu_hours": gpu_hours,
+        "power_w": power_w,
+        "pue": pue,
+        "intensity_kg_per_kwh": intensity,
+        "energy_kwh": energy_kwh,
+        "tco2eq": energy_kwh * intensity / 1000.0,
+    }
+
+
+def account(
+    cfg_carbon: Any,
+    *,
+    num_devices: int,
+    wall_s: float,
+    device_name: str,
+    measured_kwh: float | None,
+) -> dict[str, Any]:
+    """GPU-hours, energy and carbon of a run.
+
+    measured_kwh is the energy of all devices together (the sum of every rank's
+    `EnergyMeter.kwh()`), or None to charge carbon.power_w (0: the device's TDP) per device.
+    `power_w` in the result is then the measured average per device.
+    """
+    cfg = cfg_carbon if cfg_carbon is not None else CarbonConfig()
+    if num_devices < 1:
+        raise ValueError(f"num_devices = {num_devices!r}: expected an integer >= 1")
+    _check("wall_s", wall_s)
+    gpu_hours = num_devices * wall_s / 3600.0
+    if measured_kwh is not None:
+        _check("measured_kwh", measured_kwh)
+        power_w = measured_kwh * 1000.0 / gpu_hours if gpu_hours > 0 else 0.0
+        source = "nvml"
+    else:
+        _check("carbon.power_w", cfg.power_w)
+        power_w = cfg.power_w or tdp_watts(device_name)
+        source = "tdp"
+    out = estimate(gpu_hours, power_w, pue=cfg.pue, intensity=cfg.intensity_kg_per_kwh)
+    out.update(
+        energy_source=source, num_devices=num_devices, wall_s=wall_s, device_name=device_name
+    )
+    return out
+
+
+def _num(x: float) -> str:
+    if x == 0 or abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
+
+
+def _carbon(tco2eq: float) -> str:
+    return f"{tco2eq:.2f} tCO2eq" if tco2eq >= 1 else f"{_num(tco2eq * 1000)} kgCO2eq"
+
+
+def format_accounting(acct: dict[str, Any]) -> str:
+    """One line for the log and report.md, e.g.
+    `GPU-hours 2.00 | 0.800 kWh (tdp 400 W, PUE 1.00) | 0.339 kgCO2eq`."""
+    hours = "GPU-hours" if is_gpu(acct.get("device_name", "nvidia")) else "device-hours"
+    return (
+        f"{hours} {_num(acct['gpu_hours'])} | {_num(acct['energy_kwh'])} kWh "
+        f"({acct.get('energy_source', 'tdp')} {_num(acct['power_w'])} W, PUE {acct['pue']:.2f}) "
+        f"| {_carbon(acct['tco2eq'])}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP communication model
+
+
+@dataclass(frozen=True)
+class Fabric:
+    """What NCCL gets out of a node's network links.
+
+    efficiency: fraction of the line rate that NCCL's bus bandwidth reaches; hop_latency_us: the
+    latency of one inter-node step of a ring. InfiniBand: 0.92 (about 23 of 25 GB/s per 200 Gbps
+    HDR port in nccl-tests) and 5 us. RoCE is an assumption, not a measurement: Ethernet framing
+    and PFC/ECN congestion control cost bandwidth (0.85) and its switches add latency (8 us).
+    """
+
+    name: str
+    efficiency: float
+    hop_latency_us: float
+
+
+FABRICS = {"ib": Fabric("InfiniBand", 0.92, 5.0), "roce": Fabric("RoCE", 0.85, 8.0)}
+
+# Approximate nccl-tests bus bandwidth (GB/s) of an 8-GPU NVLink node, and a ring step over it.
+_NVLINK_GBS: tuple[tuple[str, float], ...] = (("a100", 230.0), ("h100", 370.0), ("h200", 370.0))
+NVLINK_HOP_US = 1.0
+
+PARAM_BYTES = 2  # bf16 all-gather (FSDP2 MixedPrecisionPolicy param_dtype)
+GRAD_BYTES = 4  # fp32 reduce-scatter / all-reduce (reduce_dtype)
+STATE_BYTES = 16  # fp32 parameter, gradient and two AdamW moments, sharded
+
+
+def nvlink_gbs(device_name: str) -> float:
+    name = device_name.lower()
+    return next((gbs for pattern, gbs in _NVLINK_GBS if pattern in name), 230.0)
+
+
+def fsdp_step(
+    model_cfg: ModelConfig,
+    *,
+    num_gpus: int,
+    dp_shard: int,
+    tokens_per_step: float,
+    flops_per_token_: float,
+    flops_per_s_per_gpu: float,
+    fabric: Fabric,
+    link_gbps: float,
+    device_name: str,
+    gpus_per_node: int = 8,
+    nics_per_node: int = 8,
+) -> dict[str, float]:
+    """Time of one optimizer step of FSDP2 on num_gpus, compute against communication.
+
+    Per step every GPU all-gathers the parameters twice (forward, backward) and reduce-scatters
+    the gradients within its shard group of dp_shard GPUs; with replicas (HSDP) each GPU then
+    all-reduces its gradient shard across them. A ring inside one node runs over NVLink; a ring
+    across nodes moves, per node, what one GPU sends (data enters a node once and fans out over
+    NVLink), spread over the node's NICs; the replica all-reduces are per GPU, so a node moves
+    gpus_per_node times one. Latency: one hop per ring step ((n-1) network hops and the rest
+    NVLink), 2 log2(R) network hops for an all-reduce (NCCL's tree). Each of the L + 1 FSDP units
+    (blocks and the root) issues its own collectives; they overlap with compute through
+    prefetching, except the first unit's all-gather and the last unit's reductions.
+    """
+    g, s = num_gpus, min(dp_shard, num_gpus)
+    r = g // s
+    n = num_params(model_cfg)
+    units = model_cfg.n_layers + 1
+    net_bps = nics_per_node * link_gbps / 8 * 1e9 * fabric.efficiency
+    nvl_bps = nvlink_gbs(device_name) * 1e9
+    net_hop, nvl_hop = fabric.hop_latency_us * 1e-6, NVLINK_HOP_US * 1e-6
+
+    ag = rs = ar = 0.0  # seconds for one whole-model collective of each kind
+    lat_ag = lat_ar = 0.0  # seconds of latency per unit-sized collective
+    node_bytes = 0.0
+    if s > 1:
+        ag_bytes = (s - 1) / s * n * PARAM_BYTES
+        rs_bytes = (s - 1) / s * n * GRAD_BYTES
+        if s <= gpus_per_node:
+            bps, lat_ag = nvl_bps, (s - 1) * nvl_hop
+        else:
+            nodes = math.ceil(s / gpus_per_node)
+            bps, lat_ag = min(nvl_bps, net_bps), (nodes - 1) * net_hop + (s - nodes) * nvl_hop
+            node_bytes += 2 * ag_bytes + rs_bytes
+        ag, rs = ag_bytes / bps, rs_bytes / bps
+    if r > 1:
+        ar_bytes = 2 * (r - 1) / r * n / s * GRAD_BYTES
+        if g <= gpus_per_node:
+            ar, lat_ar = ar_bytes / nvl_bps, 2 * (r - 1) * nvl_hop
+        else:
+            per_node = min(gpus_per_node, g) * ar_bytes
+            ar, lat_ar = per_node / net_bps, 2 * math.ceil(math.log2(r)) * net_hop
+            node_bytes += per_node
+    comm = 2 * ag + rs + ar + units * (3 * lat_ag * (s > 1) + lat_ar * (r > 1))
+    exposed = (ag + rs + ar) / units + (2 * lat_ag if s > 1 else 0.0) + lat_ar
+    tokens_per_gpu = tokens_per_step / g
+    compute = tokens_per_gpu * flops_per_token_ / flops_per_s_per_gpu
+    step = compute + (exposed + max(0.0, comm - compute) if g > 1 else 0.0)
+    return {
+        "gpus": g,
+        "dp_shard": s,
+        "dp_replicate": r,
+        "tokens_per_gpu": tokens_per_gpu,
+        "state_gb_per_gpu": n * STATE_BYTES / s / 1e9,
+        "node_gb_per_step": node_bytes / 1e9,
+        "compute_s": compute,
+        "comm_s": comm if g > 1 else 0.0,
+        "step_s": step,
+        "efficiency": compute / step,
+    }
+
+
+def resolve_shard(dp_shard: int, dp_replicate: int, num_gpus: int) -> int:
+    """parallel.dp_shard for num_gpus GPUs (-1: what dp_replicate leaves)."""
+    if dp_shard == -1:
+        shard = num_gpus // dp_replicate if dp_replicate > 0 else num_gpus
+    else:
+        shard = min(dp_shard, num_gpus)
+    if shard < 1 or num_gpus % shard:
+        raise ValueError(
+            f"gpus = {num_gpus}: must be a multiple of the shard group (parallel.dp_shard = "
+            f"{dp_shard}, parallel.dp_replicate = {dp_replicate})"
+        )
+    return shard
+
+
+def scaling_gpu_counts(num_gpus: int, gpus_per_node: int) -> list[int]:
+    """GPU counts for the scaling table: powers of two from one node to 8192 (or num_gpus)."""
+    counts, g = [], gpus_per_node
+    while g <= max(8192, num_gpus):
+        counts.append(g)
+        g *= 2
+    return sorted(set(counts) | {num_gpus})
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection
+
+
+@dataclass
+class Plan:
+    """A planned run: the model, its data and parallel layout, and the cluster it would run on."""
+
+    model: ModelConfig
+    tokens: float
+    num_gpus: int
+    device: str
+    seq_len: int
+    global_batch_tokens: float
+    dp_shard: int = -1
+    dp_replicate: int = 1
+    mfu: float | None = None
+    tokens_per_s_per_gpu: float | None = None
+    fabric: str | None = None
+    link_gbps: float = 200.0
+    gpus_per_node: int = 8
+    nics_per_node: int = 8
+    power_w: float = 0.0
+    pue: float | None = None
+    intensity: float | None = None
+
+
+def project(plan: Plan) -> dict[str, Any]:
+    """GPU-hours, days, energy and carbon of a planned run, with the IB/RoCE scaling table."""
+    _check("tokens", plan.tokens, strict=True)
+    for key in ("num_gpus", "gpus_per_node", "nics_per_node"):
+        if getattr(plan, key) < 1:
+            raise ValueError(f"{key} = {getattr(plan, key)!r}: expected an integer >= 1")
+    _check("link_gbps", plan.link_gbps, strict=True)
+    if plan.fabric is not None and plan.fabric not in FABRICS:
+        raise ValueError(f"fabric = {plan.fabric!r}: expected one of {', '.join(FABRICS)}")
+    resolve_shard(plan.dp_shard, plan.dp_replicate, plan.num_gpus)
+    fpt = flops_per_token(plan.model, plan.seq_len)
+    peak = peak_flops(plan.device, "bf16")
+    if plan.tokens_per_s_per_gpu is not None:
+        _check("tokens_per_s_per_gpu", plan.tokens_per_s_per_gpu, strict=True)
+        tps = plan.tokens_per_s_per_gpu
+        mfu = tps * fpt / peak if peak else None
+    else:
+        mfu = PAPER_MFU if plan.mfu is None else plan.mfu
+        if not 0 < mfu <= 1:
+            raise ValueError(f"mfu = {mfu!r}: expected a fraction in (0, 1]")
+        if peak is None:
+            raise ValueError(
+                f"device = {plan.device!r}: no known peak FLOP/s (known: a100, h100, h200); "
+                "give --tokens-per-s-per-gpu instead of --mfu"
+            )
+        tps = mfu * peak / fpt
+
+    def step(g: int, fabric: str) -> dict[str, float]:
+        return fsdp_step(
+            plan.model,
+            num_gpus=g,
+            dp_shard=resolve_shard(plan.dp_shard, plan.dp_replicate, g),
+            tokens_per_step=plan.global_batch_tokens,
+            flops_per_token_=fpt,
+            flops_per_s_per_gpu=tps * fpt,
+            fabric=FABRICS[fabric],
+            link_gbps=plan.link_gbps,
+            device_name=plan.device,
+            gpus_per_node=plan.gpus_per_node,
+            nics_per_node=plan.nics_per_node,
+        )
+
+    efficiency = 1.0
+    if plan.fabric is not None:
+        efficiency = step(plan.num_gpus, plan.fabric)["efficiency"]
+    gpu_hours = plan.tokens / tps / 3600.0 / efficiency
+    power_w = plan.power_w or tdp_watts(plan.device)
+    out: dict[str, Any] = {
+        "params": num_params(plan.model),
+        "flops_per_token": fpt,
+        "seq_len": plan.seq_len,
+        "tokens": plan.tokens,
+        "gpus": plan.num_gpus,
+        "device": plan.device,
+        "peak_flops": peak,
+        "mfu": mfu,
+        "tokens_per_s_per_gpu": tps,
+        "fabric": plan.fabric,
+        "scaling_efficiency": efficiency,
+        "days": gpu_hours / plan.num_gpus / 24.0,
+        **estimate(gpu_hours, power_w, pue=plan.pue, intensity=plan.intensity),
+    }
+    rows = []
+    for g in scaling_gpu_counts(plan.num_gpus, plan.gpus_per_node):
+        try:
+            ib, roce = step(g, "ib"), step(g, "roce")
+        except ValueError:
+            continue  # a count the shard group does not divide
+        rows.append({**{k: ib[k] for k in ("gpus", "dp_shard", "dp_replicate", "tokens_per_gpu",
+                                           "state_gb_per_gpu", "node_gb_per_step", "compute_s")},
+                     "ib_comm_s": ib["comm_s"], "ib_efficiency": ib["efficiency"],
+                     "roce_comm_s": roce["comm_s"], "roce_efficiency": roce["efficiency"]})
+    out["scaling"] = rows
+    out["global_batch_tokens"] = plan.global_batch_tokens
+    out["link_gbps"] = plan.link_gbps
+    return out
+
+
+def format_projection(p: dict[str, Any]) -> str:
+    peak = f" of {p['peak_flops'] / 1e12:.0f} TFLOP/s bf16" if p["peak_flops"] else ""
+    mfu = f"MFU {p['mfu']:.1%}{peak}" if p["mfu"] is not None else "MFU unknown"
+    fabric = ""
+    if p["fabric"]:
+        fabric = f", {FABRICS[p['fabric']].name} scaling efficiency {p['scaling_efficiency']:.1%}"
+    lines = [
+        f"model: {p['params'] / 1e9:.2f}B parameters, {p['flops_per_token'] / 1e9:.2f} GFLOP per "
+        f"token at sequence length {p['seq_len']}",
+        f"throughput: {p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU ({mfu} on {p['device']})"
+        f"{fabric}",
+        f"{p['tokens']:.3g} tokens on {p['gpus']:,} GPUs: {p['gpu_hours']:,.0f} GPU-hours, "
+        f"{p['days']:.1f} days",
+        f"energy {p['energy_kwh']:,.0f} kWh ({p['power_w']:.0f} W x PUE {p['pue']:.2f}) -> "
+        f"{p['tco2eq']:.2f} tCO2eq at {p['intensity_kg_per_kwh']} kg/kWh",
+        "",
+        f"FSDP scaling at a global batch of {p['global_batch_tokens']:,.0f} tokens, "
+        f"{p['link_gbps']:g} Gbps per NIC (efficiency = compute / step time):",
+        f"{'GPUs':>6} {'shard':>6} {'tok/GPU':>8} {'state GB':>9} {'node GB':>8} "
+        f"{'compute s':>10} {'IB comm s':>10} {'IB eff':>7} {'RoCE comm s':>12} {'RoCE eff':>9}",
+    ]
+    for r in p["scaling"]:
+        lines.append(
+            f"{r['gpus']:>6} {r['dp_shard']:>6} {r['tokens_per_gpu']:>8,.0f} "
+            f"{r['state_gb_per_gpu']:>9.1f} {r['node_gb_per_step']:>8.1f} {r['compute_s']:>10.3f} "
+            f"{r['ib_comm_s']:>10.3f} {r['ib_efficiency']:>7.1%} {r['roce_comm_s']:>12.3f} "
+            f"{r['roce_efficiency']:>9.1%}"
+        )
+    lines.append(
+        "state GB: fp32 weights, gradients and AdamW moments per GPU (activations not included); "
+        "node GB: bytes each node sends over its NICs per step; tok/GPU below the sequence length "
+        "needs tensor or context parallelism, which this model does not cover."
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, through run_cli, instead of usage + exit
+        raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m llamatrain.carbon", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    est = sub.add_parser("estimate", help="energy and carbon of a number of GPU-hours")
+    est.add_argument("--gpu-hours", type=float, required=True)
+    est.add_argument("--power-w", type=float, required=True, help="watts per GPU (TDP)")
+    est.add_argument("--pue", type=float, default=None, help="default: carbon.pue's default")
+    est.add_argument("--intensity", type=float, default=None, metavar="KG_PER_KWH",
+                     help="default: carbon.intensity_kg_per_kwh's default (0.4235, Table 2)")
+    est.add_argument("--json", action="store_true")
+
+    proj = sub.add_parser("project", help="GPU-hours, days, energy and carbon of a planned run")
+    proj.add_argument("--config", required=True, help="a run config TOML (configs/*.toml)")
+    proj.add_argument("--tokens", type=float, required=True)
+    proj.add_argument("--gpus", type=int, required=True)
+    proj.add_argument("--device", default="a100", help="a100, h100 or h200 (default a100)")
+    rate = proj.add_mutually_exclusive_group()
+    rate.add_argument("--mfu", type=float, help=f"default {PAPER_MFU}, Table 2's")
+    rate.add_argument("--tokens-per-s-per-gpu", type=float)
+    proj.add_argument("--fabric", choices=sorted(FABRICS), default=None,
+                      help="charge FSDP communication on this fabric at --gpus")
+    proj.add_argument("--link-gbps", type=float, default=200.0, help="per NIC (paper: 200)")
+    proj.add_argument("--gpus-per-node", type=int, default=8)
+    proj.add_argument("--nics-per-node", type=int, default=8, help="paper: one per GPU")
+    proj.add_argument("--dp-shard", type=int, default=None, help="default: parallel.dp_shard")
+    proj.add_argument("--power-w", type=float, default=None,
+                      help="default: carbon.power_w of the config, else the device's TDP")
+    proj.add_argument("--pue", type=float, default=None)
+    proj.add_argument("--intensity", type=float, default=None, metavar="KG_PER_KWH")
+    proj.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "estimate":
+        result = estimate(args.gpu_hours, args.power_w, pue=args.pue, intensity=args.intensity)
+        if args.json:
+            print(json.dumps({k: result[k] for k in ("gpu_hours", "energy_kwh", "tco2eq")}))
+        else:
+            print(
+                f"GPU-hours {result['gpu_hours']:,.0f} x {result['power_w']:g} W x PUE "
+                f"{result['pue']:g} = {result['energy_kwh']:,.1f} kWh -> "
+                f"{result['tco2eq']:.2f} tCO2eq at {result['intensity_kg_per_kwh']} kg/kWh"
+            )
+        return 0
+    cfg = load_config(args.config)
+    plan = Plan(
+        model=cfg.model,
+        tokens=args.tokens,
+        num_gpus=args.gpus,
+        device=args.device,
+        seq_len=cfg.train.seq_len,
+        global_batch_tokens=cfg.train.global_batch_tokens,
+        dp_shard=cfg.parallel.dp_shard if args.dp_shard is None else args.dp_shard,
+        dp_replicate=cfg.parallel.dp_replicate if args.dp_shard is None else -1,
+        mfu=args.mfu,
+        tokens_per_s_per_gpu=args.tokens_per_s_per_gpu,
+        fabric=args.fabric,
+        link_gbps=args.link_gbps,
+        gpus_per_node=args.gpus_per_node,
+        nics_per_node=args.nics_per_node,
+        power_w=cfg.carbon.power_w if args.power_w is None else args.power_w,
+        pue=cfg.carbon.pue if args.pue is None else args.pue,
+        intensity=cfg.carbon.intensity_kg_per_kwh if args.intensity is None else args.intensity,
+    )
+    result = project(plan)
+    print(json.dumps(result, indent=1) if args.json else format_projection(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))
