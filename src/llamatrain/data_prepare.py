@@ -82,11 +82,12 @@ def stdlib_files() -> list[Path]:
 
 
 def _walk(root: Path, skip_dirs: set[str]) -> list[Path]:
+    """Files under root, hidden ones left out, sorted by path."""
     files = []
     for d, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(n for n in dirnames if n not in skip_dirs and not n.startswith("."))
-        files += [Path(d, n) for n in sorted(filenames) if not n.startswith(".")]
-    return files
+        dirnames[:] = [n for n in dirnames if n not in skip_dirs and not n.startswith(".")]
+        files += [Path(d, n) for n in filenames if not n.startswith(".")]
+    return sorted(files, key=lambda p: p.relative_to(root).parts)
 
 
 def collect_files(inputs: Sequence[str], *, key: str = "--input") -> list[Path]:

@@ -47,7 +47,7 @@ class GlobalSampler:
     def _permute(self, j: np.ndarray, epoch: int) -> np.ndarray:
         half = np.uint64(self._half)
         low = np.uint64((1 << self._half) - 1)
-        epoch_key = _mix64_int(_mix64_int(self.seed) + epoch)
+        epoch_key = _mix64_int(_mix64_int(_mix64_int(self.seed) + self.num_samples) + epoch)
         keys = [np.uint64(_mix64_int(epoch_key + r)) for r in range(_ROUNDS)]
         x = j.astype(np.uint64)
         todo = np.ones(len(x), dtype=bool)

@@ -1,0 +1,328 @@
+"""prepare (corpus -> shards, meta.json), the prepare_source cache, and the pretraining dataset."""
+
+import gzip
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from llamatrain import data, data_prepare
+from llamatrain.config import DataConfig
+from llamatrain.data import load_dataset, main, prepare_dir, prepare_source
+from llamatrain.data_prepare import PrepareOptions, is_val
+from llamatrain.tokenizer import Tokenizer
+
+WORDS = ["def", "return", "class", "import", "self", "value", "index", "total", "print"]
+HARD = ["\ttab\r\nCRLF\r\n", "   runs   of spaces ", " lead", "中文 😀 ﬁ ＡＢ", "\n\nx\n"]
+
+
+def make_doc(rng: random.Random, lines: int) -> str:
+    out = []
+    for _ in range(lines):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7)))
+        out.append(" " * rng.choice([0, 4]) + f"{words} = {rng.randint(0, 9999)}")
+    return "\n".join(out) + "\n"
+
+
+def make_corpus(root: Path, seed: int = 0) -> list[str]:
+    """Text, .jsonl, gzip and zstd inputs plus one non-UTF-8 and one empty file; returns the
+    non-empty documents in the order prepare must store them (sorted paths)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    expected = []
+    # Sorted order: a.txt, bad.txt, empty.txt, notes.txt.gz, sub/b.md, web.jsonl, web2.jsonl.zst
+    a = make_doc(rng, 60) + HARD[0]
+    (root / "a.txt").write_text(a, newline="")
+    expected.append(a)
+    (root / "bad.txt").write_bytes(b"caf\xe9 latin-1, not UTF-8\n" + make_doc(rng, 5).encode())
+    (root / "empty.txt").write_bytes(b"")
+    notes = HARD[3] + make_doc(rng, 20)
+    (root / "notes.txt.gz").write_bytes(gzip.compress(notes.encode()))
+    expected.append(notes)
+    (root / "sub").mkdir()
+    b = HARD[1] + make_doc(rng, 40)
+    (root / "sub" / "b.md").write_text(b)
+    expected.append(b)
+    web = [make_doc(rng, rng.randint(1, 6)) + HARD[k % len(HARD)] for k in range(30)]
+    web.insert(7, "")  # an empty document: skipped, the rest of the file kept
+    lines = [json.dumps({"text": t, "id": k}) for k, t in enumerate(web)]
+    (root / "web.jsonl").write_text("\n".join(lines[:12]) + "\n\n" + "\n".join(lines[12:]) + "\n")
+    expected += [t for t in web if t]
+    zst = [make_doc(rng, 3) for _ in range(10)]
+    payload = "".join(json.dumps({"text": t}) + "\r\n" for t in zst).encode()
+    (root / "web2.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
+    expected += zst
+    return expected
+
+
+def read_split(path: Path, split: str) -> np.ndarray:
+    meta = json.loads((path / "meta.json").read_text())
+    shards = meta["splits"][split]["shards"]
+    parts = [np.fromfile(path / s["file"], dtype=meta["dtype"]) for s in shards]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=meta["dtype"])
+
+
+def documents(path: Path, split: str) -> list[str]:
+    """Decoded documents of a split; checks each is stored as BOS + tokens + EOS."""
+    meta = json.loads((path / "meta.json").read_text())
+    tok = Tokenizer((path / "tokenizer.model").read_bytes())
+    stream = read_split(path, split).astype(np.int64)
+    starts = np.flatnonzero(stream == meta["bos_id"])
+    ends = np.append(starts[1:], len(stream))[: len(starts)]
+    docs = []
+    for s, e in zip(starts, ends, strict=True):
+        assert stream[e - 1] == meta["eos_id"]
+        docs.append(tok.decode(stream[s + 1 : e - 1]))
+    return docs
+
+
+def opts(**kw) -> PrepareOptions:
+    return PrepareOptions(**{"workers": 1, "progress": False, "val_fraction": 0.0, **kw})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """One prepared corpus shared by the read-only tests: (corpus dir, out dir, expected docs)."""
+    root = tmp_path_factory.mktemp("prep")
+    expected = make_corpus(root / "corpus")
+    prepare_dir([str(root / "corpus")], root / "out", opts(val_fraction=0.2), vocab_size=400)
+    return root / "corpus", root / "out", expected
+
+
+def test_prepare_round_trips_every_document_and_writes_meta(prepared):
+    corpus, out, expected = prepared
+    meta = json.loads((out / "meta.json").read_text())
+    train, val = documents(out, "train"), documents(out, "val")
+    assert sorted(train + val) == sorted(expected)
+    # Stored in input order: each split is the expected order filtered to that split.
+    assert train == [d for d in expected if d in set(train)]
+    assert val == [d for d in expected if d in set(val)]
+
+    shard_bytes = sum(p.stat().st_size for p in out.glob("*.bin"))
+    assert meta["dtype"] == "uint16"
+    assert meta["num_tokens"] * 2 == shard_bytes
+    assert meta["num_tokens"] == sum(meta["splits"][s]["num_tokens"] for s in ("train", "val"))
+    assert meta["num_documents"] == len(expected)
+    assert meta["splits"]["val"]["num_documents"] == len(val) > 0
+    assert (meta["vocab_size"], meta["bos_id"], meta["eos_id"]) == (400, 1, 2)
+    model = (out / "tokenizer.model").read_bytes()
+    assert meta["tokenizer_sha256"] == hashlib.sha256(model).hexdigest()
+    assert meta["num_empty_documents"] == 2  # empty.txt and one .jsonl line
+
+
+def test_a_non_utf8_file_and_an_empty_file_are_skipped_and_named(prepared):
+    corpus, out, _ = prepared
+    meta = json.loads((out / "meta.json").read_text())
+    reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
+    assert set(reasons) == {"bad.txt", "empty.txt"}
+    assert reasons["bad.txt"].startswith("not valid UTF-8 (byte 3")
+    assert reasons["empty.txt"].startswith("empty")
+    assert meta["num_files"] == 7
+
+
+def test_the_validation_split_follows_each_documents_content_hash(prepared):
+    _, out, _ = prepared
+    assert all(is_val(d.encode(), 0.2) for d in documents(out, "val"))
+    assert not any(is_val(d.encode(), 0.2) for d in documents(out, "train"))
+
+
+def test_output_is_identical_for_one_and_two_workers(tmp_path, monkeypatch, prepared):
+    _, first, _ = prepared
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus)
+    # Tiny tasks: .jsonl files are cut into many pieces and spread over both workers.
+    monkeypatch.setattr(data_prepare, "TASK_BYTES", 200)
+    model = str(first / "tokenizer.model")
+    for n in (1, 2):
+        prepare_dir([str(corpus)], tmp_path / f"w{n}", opts(workers=n), tokenizer=model)
+    names = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "w2").iterdir())
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+
+
+def test_a_bad_jsonl_line_skips_its_whole_file_and_nothing_else(tmp_path, monkeypatch, prepared):
+    _, first, _ = prepared
+    rng = random.Random(1)
+    good = [make_doc(rng, 2) for _ in range(40)]
+    lines = [json.dumps({"text": t}) for t in good]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines[:30]) + "\n{broken\n" + lines[30])
+    (tmp_path / "in" / "b.jsonl").write_text("\n".join(lines[30:]) + "\n")
+    # Small pieces, so part of a.jsonl is already written when its line 31 turns out bad.
+    monkeypatch.setattr(data_prepare, "TASK_BYTES", 300)
+    out = tmp_path / "out"
+    meta = prepare_dir(
+        [str(tmp_path / "in")], out, opts(), tokenizer=str(first / "tokenizer.model")
+    )
+    assert documents(out, "train") == good[30:]
+    assert [Path(s["path"]).name for s in meta["skipped"]] == ["a.jsonl"]
+    assert meta["skipped"][0]["reason"].startswith("line 31: invalid JSON")
+
+
+def test_a_jsonl_line_without_the_text_key_names_the_key(tmp_path, prepared):
+    _, first, _ = prepared
+    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
+    (tmp_path / "b.txt").write_text("kept")
+    meta = prepare_dir(
+        [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")],
+        tmp_path / "out",
+        opts(text_key="text"),
+        tokenizer=str(first / "tokenizer.model"),
+    )
+    assert (
+        meta["skipped"][0]["reason"] == "line 1: expected a JSON object with string field(s) 'text'"
+    )
+    assert documents(tmp_path / "out", "train") == ["kept"]
+
+
+def test_shards_roll_over_between_files_and_samples_span_them(tmp_path, prepared):
+    corpus, first, _ = prepared
+    out = tmp_path / "out"
+    meta = prepare_dir(
+        [str(corpus)], out, opts(shard_tokens=200), tokenizer=str(first / "tokenizer.model")
+    )
+    shards = meta["splits"]["train"]["shards"]
+    assert len(shards) >= 3
+    stream = read_split(out, "train").astype(np.int64)
+    seq_len = 64
+    ds = load_dataset(out, DataConfig(), seq_len=seq_len, split="train")
+    assert len(ds) == (len(stream) - 1) // seq_len
+    batch = ds.get_batch(list(range(len(ds))))
+    assert batch["input_ids"].shape == batch["labels"].shape == (len(ds), seq_len)
+    assert str(batch["input_ids"].dtype) == "torch.int64"
+    for i in range(len(ds)):
+        window = stream[i * seq_len : i * seq_len + seq_len + 1]
+        assert batch["input_ids"][i].tolist() == window[:-1].tolist()
+        assert batch["labels"][i].tolist() == window[1:].tolist()
+    assert ds.tokenizer.vocab_size == 400
+
+
+def test_cli_errors_are_one_line_and_a_nonzero_exit(tmp_path, capsys, prepared):
+    _, first, _ = prepared
+    (tmp_path / "nothing").mkdir()
+    out = str(tmp_path / "out")
+    assert main(["prepare", "--input", str(tmp_path / "nothing"), "--out", out]) == 2
+    assert main(["prepare", "--input", str(tmp_path / "missing"), "--out", out]) == 2
+    assert main(["prepare", "--input", str(first), "--out", str(first)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert "holds no input files" in err[0]
+    assert "does not exist" in err[1]
+    assert "--overwrite" in err[2]
+
+
+def test_cli_overwrite_replaces_a_prepared_directory(tmp_path, capsys, prepared):
+    _, first, _ = prepared
+    (tmp_path / "in.txt").write_text("return value")
+    args = ["prepare", "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out")]
+    args += ["--tokenizer", str(first / "tokenizer.model"), "--workers", "1"]
+    assert main(args) == 0
+    (tmp_path / "in.txt").write_text("print total")
+    assert main(args) == 2
+    assert documents(tmp_path / "out", "train") == ["return value"]
+    assert main([*args, "--overwrite"]) == 0
+    assert documents(tmp_path / "out", "train") == ["print total"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out"]
+
+
+def test_a_failed_prepare_leaves_no_output_directory(tmp_path, monkeypatch, prepared):
+    corpus, first, _ = prepared
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(data_prepare, "tokenize_files", crash)
+    with pytest.raises(RuntimeError):
+        prepare_dir(
+            [str(corpus)], tmp_path / "out", opts(), tokenizer=str(first / "tokenizer.model")
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def source_config(corpus: Path, cache: Path, **kw) -> DataConfig:
+    return DataConfig(source=str(corpus), cache_dir=str(cache), workers=1, **kw)
+
+
+def test_prepare_source_builds_once_then_reuses_the_cache(tmp_path, monkeypatch, prepared):
+    corpus, first, expected = prepared
+    cfg = source_config(corpus, tmp_path / "cache", tokenizer=str(first / "tokenizer.model"))
+    path = prepare_source(cfg, vocab_size=512)
+    assert path.parent == tmp_path / "cache"
+    assert len(documents(path, "train") + documents(path, "val")) == len(expected)
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("rebuilt a cached source")
+
+    monkeypatch.setattr(data, "build", must_not_build)
+    assert prepare_source(cfg, vocab_size=512) == path
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]
+    # A prepared directory as the source is used as it is.
+    assert prepare_source(source_config(path, tmp_path / "x"), vocab_size=512) == path
+
+
+def test_prepare_source_race_loser_keeps_the_winners_copy(tmp_path, monkeypatch, prepared):
+    corpus, first, _ = prepared
+    cfg = source_config(corpus, tmp_path / "cache", tokenizer=str(first / "tokenizer.model"))
+    real_build = data.build
+    final = {}
+
+    def build_then_lose(inputs, out_dir, *args, **kwargs):
+        meta = real_build(inputs, out_dir, *args, **kwargs)
+        # Another rank finishes first and publishes the same directory.
+        winner = out_dir.parent / out_dir.name.split(".tmp-")[0].lstrip(".")
+        shutil.copytree(out_dir, winner)
+        (winner / "winner").write_text("")
+        final["path"] = winner
+        return meta
+
+    monkeypatch.setattr(data, "build", build_then_lose)
+    path = prepare_source(cfg, vocab_size=512)
+    assert path == final["path"] and (path / "winner").exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]
+
+
+def test_prepare_source_rejects_mismatches_with_a_value_error(tmp_path, prepared):
+    corpus, first, _ = prepared
+    with pytest.raises(ValueError, match="data.source='/nonexistent'"):
+        prepare_source(source_config(Path("/nonexistent"), tmp_path), vocab_size=512)
+    with pytest.raises(ValueError, match="data.format='sft'"):
+        prepare_source(source_config(first, tmp_path, format="sft"), vocab_size=512)
+    with pytest.raises(ValueError, match="vocab_size=256"):
+        prepare_source(source_config(first, tmp_path), vocab_size=256)
+    with pytest.raises(ValueError, match="data.format='sft'"):
+        load_dataset(first, DataConfig(format="sft"), seq_len=8)
+
+
+def test_the_default_source_is_the_stdlib_python_files():
+    files = data_prepare.stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert len(files) > 1000
+    assert all(f.suffix == ".py" and root in f.parents for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+    assert root / "json" / "decoder.py" in files
+
+
+def test_cli_prepares_a_stdlib_slice_with_a_progress_bar(tmp_path):
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path / "x"
+    cmd = [sys.executable, "-m", "llamatrain.data", "prepare", "--out", str(out)]
+    cmd += ["--input", str(stdlib / "json"), str(stdlib / "logging"), "--vocab-size", "1000"]
+    cmd += ["--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "docs/s" in proc.stderr and "tok/s" in proc.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_tokens"] * 2 == sum(p.stat().st_size for p in out.glob("*.bin"))
+    py = [p for d in ("json", "logging") for p in (stdlib / d).glob("*.py") if p.stat().st_size]
+    assert meta["num_documents"] == len(py)
+    # Byte-compiled caches in __pycache__ are not UTF-8 text: named as skipped, not fatal.
+    assert all(s["path"].endswith(".pyc") for s in meta["skipped"])
