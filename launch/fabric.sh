@@ -23,7 +23,7 @@ _fabric_roce_gid_index() {  # _fabric_roce_gid_index DEVICE PORT: the RoCE v2 IP
     types_dir=$port_dir/gid_attrs/types
     [[ -d $types_dir ]] || return 1
     # Sorted numerically so the lowest index wins, as NCCL users expect (3 on a typical ConnectX).
-    for index in $(ls "$types_dir" 2>/dev/null | sort -n); do
+    for index in $(find "$types_dir" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -n); do
         # Unpopulated entries fail to read (EINVAL) on a real kernel.
         type=$(cat "$types_dir/$index" 2>/dev/null) || continue
         [[ $type == "RoCE v2" ]] || continue

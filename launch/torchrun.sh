@@ -74,8 +74,9 @@ elif (( NNODES == 1 )); then
     # A free port of its own, so that two single-node runs on one machine do not collide.
     rendezvous=(--standalone)
 else
-    [[ ${NODE_RANK:-} =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )) \
-        || die "NODE_RANK is '${NODE_RANK:-}'; allowed: 0 to $((NNODES - 1)) (0 on MASTER_ADDR)"
+    if ! [[ ${NODE_RANK:-} =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+        die "NODE_RANK is '${NODE_RANK:-}'; allowed: 0 to $((NNODES - 1)) (0 on MASTER_ADDR)"
+    fi
     rendezvous=(--nnodes="$NNODES" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR"
                 --master-port="$MASTER_PORT")
 fi
