@@ -50,6 +50,8 @@ def test_account_charges_tdp_per_device_without_a_measurement():
     h100 = carbon.account(None, num_devices=1, wall_s=3600.0, device_name="NVIDIA H100 80GB HBM3",
                           measured_kwh=None)
     assert h100["power_w"] == 700.0
+    assert carbon.tdp_watts("cuda") == carbon.UNKNOWN_GPU_W
+    assert carbon.tdp_watts("NVIDIA A100 80GB PCIe") == 300.0
 
 
 def test_account_prefers_configured_power_and_multiplies_pue():

@@ -52,24 +52,28 @@ _TDP_W: tuple[tuple[tuple[str, ...], float], ...] = (
     (("h200", "nvl"), 600.0),
     (("h200",), 700.0),
 )
-# An unknown NVIDIA part is charged like an A100; a CPU process like a share of a server socket.
-# Both are order-of-magnitude figures: set carbon.power_w for the machine at hand.
+# An unknown GPU is charged like an A100; a CPU process like a share of a server socket. Both
+# are order-of-magnitude figures: set carbon.power_w for the machine at hand.
 UNKNOWN_GPU_W = 400.0
 CPU_W = 100.0
+_GPU_WORDS = ("nvidia", "cuda", "gpu")
 
 
 def tdp_watts(device_name: str) -> float:
-    """Power charged per device when nothing is measured or configured."""
+    """Power charged per device when nothing is measured or configured; device_name is what
+    torch.cuda.get_device_name() says (a bare "cuda" gets the unknown-GPU figure), or "cpu"."""
     name = device_name.lower()
     for patterns, watts in _TDP_W:
         if all(p in name for p in patterns):
             return watts
-    return UNKNOWN_GPU_W if "nvidia" in name else CPU_W
+    return UNKNOWN_GPU_W if is_gpu(name) else CPU_W
 
 
 def is_gpu(device_name: str) -> bool:
     name = device_name.lower()
-    return any(all(p in name for p in patterns) for patterns, _ in _TDP_W) or "nvidia" in name
+    return any(w in name for w in _GPU_WORDS) or any(
+        all(p in name for p in patterns) for patterns, _ in _TDP_W
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ def _carbon(tco2eq: float) -> str:
 def format_accounting(acct: dict[str, Any]) -> str:
     """One line for the log and report.md, e.g.
     `GPU-hours 2.00 | 0.800 kWh (tdp 400 W, PUE 1.00) | 0.339 kgCO2eq`."""
-    hours = "GPU-hours" if is_gpu(acct.get("device_name", "nvidia")) else "device-hours"
+    hours = "GPU-hours" if is_gpu(acct.get("device_name", "gpu")) else "device-hours"
     return (
         f"{hours} {_num(acct['gpu_hours'])} | {_num(acct['energy_kwh'])} kWh "
         f"({acct.get('energy_source', 'tdp')} {_num(acct['power_w'])} W, PUE {acct['pue']:.2f}) "
