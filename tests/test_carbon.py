@@ -78,7 +78,8 @@ def test_account_on_cpu_counts_device_hours():
     assert acct["power_w"] == carbon.CPU_W
     line = carbon.format_accounting(acct)
     assert line.startswith("device-hours 0.2")
-    assert "tdp" in line and "kgCO2eq" in line
+    # 0.2 h x 100 W = 0.02 kWh -> 8.47 g at 0.4235 kg/kWh
+    assert line.endswith("| 0.02 kWh (tdp 100 W, PUE 1.00) | 8.47 gCO2eq")
 
 
 def test_format_accounting_shows_the_numbers():

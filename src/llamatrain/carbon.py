@@ -202,12 +202,16 @@ def _num(x: float) -> str:
 
 
 def _carbon(tco2eq: float) -> str:
-    return f"{tco2eq:.2f} tCO2eq" if tco2eq >= 1 else f"{_num(tco2eq * 1000)} kgCO2eq"
+    if tco2eq >= 1:
+        return f"{tco2eq:.2f} tCO2eq"
+    if tco2eq >= 1e-3:
+        return f"{_num(tco2eq * 1e3)} kgCO2eq"
+    return f"{_num(tco2eq * 1e6)} gCO2eq"
 
 
 def format_accounting(acct: dict[str, Any]) -> str:
     """One line for the log and report.md, e.g.
-    `GPU-hours 2.00 | 0.800 kWh (tdp 400 W, PUE 1.00) | 0.339 kgCO2eq`."""
+    `GPU-hours 2.00 | 0.8 kWh (tdp 400 W, PUE 1.00) | 339 gCO2eq`."""
     hours = "GPU-hours" if is_gpu(acct.get("device_name", "gpu")) else "device-hours"
     return (
         f"{hours} {_num(acct['gpu_hours'])} | {_num(acct['energy_kwh'])} kWh "
