@@ -207,7 +207,7 @@ def accounting_section() -> dict[str, Any]:
         projections[name] = carbon.project(carbon.Plan(
             model=cfg.model, tokens=2e12, num_gpus=2048, device="a100", seq_len=cfg.train.seq_len,
             global_batch_tokens=cfg.train.global_batch_tokens, dp_shard=cfg.parallel.dp_shard,
-            dp_replicate=cfg.parallel.dp_replicate, power_w=cfg.carbon.power_w, fabric="ib",
+            dp_replicate=cfg.parallel.dp_replicate, fabric="ib",
         ))
     return {"table2": table2, "projections": projections}
 

@@ -136,7 +136,7 @@ def test_project_with_the_paper_mfu_lands_within_5_percent_of_table2(capsys, nam
     assert result["mfu"] == carbon.PAPER_MFU
     assert result["gpu_hours"] == pytest.approx(table2_hours, rel=0.05)
     assert result["days"] == pytest.approx(result["gpu_hours"] / 2048 / 24)
-    # The configs carry Table 2's 400 W, so the carbon lands near the table's too.
+    # An A100's TDP is Table 2's 400 W, so the carbon lands near the table's too.
     assert result["tco2eq"] == pytest.approx(table2_hours * 0.4 * 0.4235 / 1000, rel=0.05)
 
 
@@ -148,6 +148,7 @@ def test_project_from_a_measured_throughput_inverts_mfu(capsys):
     assert result["gpu_hours"] == pytest.approx(1e12 / 5000 / 3600)
     fpt = flops.flops_per_token(load_config(cfg).model, 4096)
     assert result["mfu"] == pytest.approx(5000 * fpt / 989e12)
+    assert result["power_w"] == 700.0  # the H100's TDP, not the config's A100 figure
 
 
 def scaling(capsys, name: str, *extra: str) -> dict[int, dict]:

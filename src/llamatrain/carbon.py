@@ -307,14 +307,14 @@ def fsdp_step(
         if g <= gpus_per_node:
             ar, lat_ar = ar_bytes / nvl_bps, 2 * (r - 1) * nvl_hop
         else:
-            per_node = min(gpus_per_node, g) * ar_bytes
+            per_node = gpus_per_node * ar_bytes
             ar, lat_ar = per_node / net_bps, 2 * math.ceil(math.log2(r)) * net_hop
             node_bytes += per_node
-    comm = 2 * ag + rs + ar + units * (3 * lat_ag * (s > 1) + lat_ar * (r > 1))
-    exposed = (ag + rs + ar) / units + (2 * lat_ag if s > 1 else 0.0) + lat_ar
+    comm = 2 * ag + rs + ar + units * (3 * lat_ag + lat_ar)
+    exposed = (ag + rs + ar) / units + 2 * lat_ag + lat_ar
     tokens_per_gpu = tokens_per_step / g
     compute = tokens_per_gpu * flops_per_token_ / flops_per_s_per_gpu
-    step = compute + (exposed + max(0.0, comm - compute) if g > 1 else 0.0)
+    step = compute + exposed + max(0.0, comm - compute)
     return {
         "gpus": g,
         "dp_shard": s,
@@ -323,7 +323,7 @@ def fsdp_step(
         "state_gb_per_gpu": n * STATE_BYTES / s / 1e9,
         "node_gb_per_step": node_bytes / 1e9,
         "compute_s": compute,
-        "comm_s": comm if g > 1 else 0.0,
+        "comm_s": comm,
         "step_s": step,
         "efficiency": compute / step,
     }
@@ -529,7 +529,8 @@ def _parser() -> argparse.ArgumentParser:
     proj.add_argument("--nics-per-node", type=int, default=8, help="paper: one per GPU")
     proj.add_argument("--dp-shard", type=int, default=None, help="default: parallel.dp_shard")
     proj.add_argument("--power-w", type=float, default=None,
-                      help="default: carbon.power_w of the config, else the device's TDP")
+                      help="watts per GPU (default: the TDP of --device; the config's "
+                      "carbon.power_w describes the machine it runs on, not this one)")
     proj.add_argument("--pue", type=float, default=None)
     proj.add_argument("--intensity", type=float, default=None, metavar="KG_PER_KWH")
     proj.add_argument("--json", action="store_true")
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         link_gbps=args.link_gbps,
         gpus_per_node=args.gpus_per_node,
         nics_per_node=args.nics_per_node,
-        power_w=cfg.carbon.power_w if args.power_w is None else args.power_w,
+        power_w=args.power_w or 0.0,
         pue=cfg.carbon.pue if args.pue is None else args.pue,
         intensity=cfg.carbon.intensity_kg_per_kwh if args.intensity is None else args.intensity,
     )
