@@ -139,7 +139,7 @@ def test_kernel_work_counts_the_bytes_and_flops_of_an_ideal_kernel():
     assert kernels.cross_entropy_case(TINY).work["fwd_bwd"] == 3 * t * 64 * e
 
 
-def test_kernel_bench_times_every_op_on_cpu_and_reports_rates_and_fractions():
+def test_kernel_bench_times_every_op_on_cpu_and_reports_rates_and_fractions(tmp_path):
     lim = {"copy_gbs": 10.0, "matmul_tflops": 0.5}
     rows = kernels.run([TINY], CPU, timer=cpu_timer, limits=lim, providers=["torch"],
                        dtype=torch.float32, log=lambda line: None)
@@ -155,6 +155,12 @@ def test_kernel_bench_times_every_op_on_cpu_and_reports_rates_and_fractions():
                                                       / scale)
         limit = lim["copy_gbs"] if r["unit"] == "GB/s" else lim["matmul_tflops"]
         assert r["fwd_bwd_frac"] == pytest.approx(r["fwd_bwd_rate"] / limit)
+
+    failed = {"op": "swiglu", "shape": "tiny", "provider": "liger", "unit": "GB/s",
+              "error": "ImportError: no liger"}
+    written = plots.kernel_plots([*rows, failed], lim, tmp_path, "bench")
+    assert [p.name for p in written] == ["bench-kernels-time.png", "bench-kernels-rate.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
 
 
 def test_a_failing_provider_leaves_an_error_and_the_others_run():
