@@ -1,0 +1,126 @@
+"""Launch plumbing shared by the kernels: the target a launch is for, and recording launches.
+
+Every kernel launch goes through `launch`, so the ahead-of-time check (`compile_check`) can run
+the real host code on meta tensors, for a GPU that is not here, and compile exactly the kernels,
+block sizes and warp counts that code would launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What launch configurations depend on: CUDA arch (80 = sm_80; None: the interpreter)."""
+
+    arch: int | None
+    num_sms: int
+
+
+# Programs the interpreter runs for the reductions sized by SM count: a few, so tests exercise the
+# cross-program reduction without paying for many slow interpreted programs.
+_INTERPRETER_TARGET = Target(arch=None, num_sms=4)
+
+
+@dataclass
+class Launch:
+    """One recorded launch: the Triton kernel, its arguments by name, and its launch options."""
+
+    kernel: Any
+    args: dict[str, Any]
+    options: dict[str, Any]
+
+
+@dataclass
+class _Recorder:
+    target: Target
+    launches: list[Launch]
+
+
+_recorder: _Recorder | None = None
+
+
+@functools.cache
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    return Target(arch=props.major * 10 + props.minor, num_sms=props.multi_processor_count)
+
+
+def target(device: torch.device) -> Target:
+    """The target a launch on `device` is configured for."""
+    if _recorder is not None:
+        return _recorder.target
+    if device.type == "cuda" and not INTERPRETED:
+        return _cuda_target(device.index if device.index is not None else 0)
+    return _INTERPRETER_TARGET
+
+
+def launch(
+    wrapped: Any, grid: tuple[int, ...], *args: Any, num_warps: int, num_stages: int = 1,
+    **constexprs: Any,
+) -> None:
+    """Launch `wrapped` (a `torch.library.wrap_triton` kernel) or record it for `compile_check`."""
+    # FMA contraction stated explicitly: Triton 3.9 warns that its default will change.
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
+    if _recorder is not None:
+        kernel = wrapped.kernel
+        names = kernel.arg_names
+        values = dict(zip(names, args, strict=False)) | constexprs
+        if len(args) > len(names) or set(values) != set(names):
+            raise TypeError(f"{kernel.__name__}: arguments {sorted(values)} != {sorted(names)}")
+        _recorder.launches.append(Launch(kernel, values, options))
+        return
+    wrapped[grid](*args, **options, **constexprs)
+
+
+@contextlib.contextmanager
+def record_launches(target_: Target) -> Iterator[list[Launch]]:
+    """Record instead of running every launch made inside, configured for `target_`."""
+    global _recorder
+    previous = _recorder
+    _recorder = _Recorder(target_, [])
+    try:
+        yield _recorder.launches
+    finally:
+        _recorder = previous
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as a 2-D (rows, last dim) view with unit column stride, copying only when it must."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)
+
+
+def row_warps(block: int) -> int:
+    """Warps for a program that reduces over `block` elements of one row."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep full fp32 products (matching the fp32 reference); tf32 would lose bits."""
+    return "ieee" if dtype == torch.float32 else "tf32"

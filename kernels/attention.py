@@ -1,0 +1,494 @@
+"""Flash attention with grouped-query heads: Triton forward and deterministic backward.
+
+Tensors are (batch, seq, heads, head_dim); k and v have n_kv_heads dividing n_heads and are never
+repeated in memory: q head h reads kv head h // (n_heads // n_kv_heads). The forward keeps an
+online softmax in fp32 (base 2, the scale folded into one multiply) and saves the log-sum-exp.
+The backward runs one program per kv block that loops over every q head of its group, so dK and
+dV are summed in registers in a fixed order (no atomics), and dQ in a second kernel.
+
+Causal masking is bottom-right aligned (query i sees keys j <= i + seq_k - seq_q), as in the
+reference. Loops are split into blocks that need no mask and the few on the diagonal or the
+sequence tail that do, so most blocks pay for no masking at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import _runtime
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+    offs_m, lo, hi, seq_k, diag, qk_scale,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                        mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                        mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = cols[None, :] < seq_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 there, not -inf.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    n_q_heads, group_size, seq_q, seq_k, qk_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_q_heads).to(tl.int64)
+    h = bh % n_q_heads
+    kvh = (h // group_size).to(tl.int64)
+    h = h.to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = offs_m[:, None] < seq_q
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_mask, other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    diag = seq_k - seq_q
+    if CAUSAL:
+        # Keys below `full` are visible to every row of the block; none past `end` is to any.
+        full = tl.minimum(tl.maximum(start_m + diag + 1, 0), seq_k)
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), seq_k)
+    else:
+        full = seq_k
+        end = seq_k
+    full = full // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, 0, full, seq_k, diag,
+        qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, full, end, seq_k, diag,
+        qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    o_base = O + b * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_mask)  # fmt: skip
+    # The log-sum-exp in base 2 of the scaled scores, which is what the backward exponentiates.
+    tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, m_i + tl.log2(l_i), mask=offs_m < seq_q)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    n_q_heads, seq_q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // n_q_heads).to(tl.int64)
+    h = (bh % n_q_heads).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m[:, None] < seq_q
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+        mask=mask, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    tl.store(DELTA + bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+    cols, lo, hi, seq_q, diag, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        row_mask = rows < seq_q
+        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_mask[:, None],
+                    other=0.0)  # fmt: skip
+        do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
+                     mask=row_mask[:, None], other=0.0)  # fmt: skip
+        # Rows past the end get lse = +inf, hence p = 0: they add nothing.
+        lse = tl.load(lse_base + rows, mask=row_mask, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
+        # Transposed scores (keys x queries) so dK and dV accumulate as (BLOCK_N, HEAD_DIM).
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(cols[:, None] <= rows[None, :] + diag, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    n_q_heads, n_kv_heads, group_size, seq_q, seq_k, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    b = (bkv // n_kv_heads).to(tl.int64)
+    kvh = (bkv % n_kv_heads).to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_mask = cols[:, None] < seq_k
+    # Keys past the end load as zeros; their rows of dK and dV are never stored, and no other
+    # row depends on them, so they need no mask below.
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                mask=col_mask, other=0.0)  # fmt: skip
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+                mask=col_mask, other=0.0)  # fmt: skip
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    diag = seq_k - seq_q
+    if CAUSAL:
+        # Rows before `lo` see none of these keys; rows from `full` on see all of them.
+        lo = tl.minimum(tl.maximum(start_n - diag, 0), seq_q) // BLOCK_M * BLOCK_M
+        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+        full = tl.minimum(tl.maximum(full, lo), seq_q)
+    else:
+        lo = 0
+        full = 0
+    for g in range(0, group_size):
+        h = kvh * group_size + g
+        bh = b * n_q_heads + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + bh * seq_q
+        delta_base = DELTA + bh * seq_q
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+            cols, lo, full, seq_q, diag, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_PRECISION,
+        )  # fmt: skip
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+            cols, full, seq_q, seq_q, diag, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_PRECISION,
+        )  # fmt: skip
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * stride_dkb + kvh * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
+        dk.to(DK.dtype.element_ty), mask=col_mask,
+    )  # fmt: skip
+    tl.store(
+        DV + b * stride_dvb + kvh * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :],
+        dv.to(DV.dtype.element_ty), mask=col_mask,
+    )  # fmt: skip
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs,
+    offs_m, lo, hi, seq_k, diag, qk_scale,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                        mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                        mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            visible = cols[None, :] < seq_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    n_q_heads, group_size, seq_q, seq_k, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_q_heads).to(tl.int64)
+    h = bh % n_q_heads
+    kvh = (h // group_size).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = offs_m < seq_q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_mask[:, None], other=0.0)  # fmt: skip
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+        mask=row_mask[:, None], other=0.0,
+    )  # fmt: skip
+    lse = tl.load(LSE + bh.to(tl.int64) * seq_q + offs_m, mask=row_mask, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + offs_m, mask=row_mask, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    diag = seq_k - seq_q
+    if CAUSAL:
+        full = tl.minimum(tl.maximum(start_m + diag + 1, 0), seq_k)
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), seq_k)
+    else:
+        full = seq_k
+        end = seq_k
+    full = full // BLOCK_N * BLOCK_N
+    dq = _bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, 0, full, seq_k,
+        diag, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = _bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, full, end, seq_k,
+        diag, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=row_mask[:, None],
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tiles of the forward, of the dK/dV kernel (block_n keys, looping over block_m queries)
+    and of the dQ kernel (block_m queries, looping over block_n keys)."""
+
+    fwd: TileConfig
+    dkdv: TileConfig
+    dq: TileConfig
+
+
+def launch_config(head_dim: int, arch: int | None) -> AttentionConfig:
+    """Tiles by head_dim and GPU generation, chosen to fit shared memory and (nearly) avoid
+    register spills in `compile_check`. The interpreter gets small, unequal tiles, so tests on
+    short sequences still cross several blocks and the diagonal in both directions."""
+    if arch is None:
+        return AttentionConfig(
+            fwd=TileConfig(32, 16, 4, 1), dkdv=TileConfig(16, 32, 4, 1), dq=TileConfig(32, 16, 4, 1)
+        )
+    if head_dim <= 64:
+        return AttentionConfig(
+            fwd=TileConfig(128, 64, 4, 3), dkdv=TileConfig(32, 128, 8 if head_dim == 64 else 4, 2),
+            dq=TileConfig(128, 32, 4, 2),
+        )  # fmt: skip
+    if arch >= 90:
+        return AttentionConfig(
+            fwd=TileConfig(128, 128, 8, 2), dkdv=TileConfig(32, 128, 8, 2),
+            dq=TileConfig(128, 64, 8, 2),
+        )  # fmt: skip
+    return AttentionConfig(
+        fwd=TileConfig(128, 64, 8, 2), dkdv=TileConfig(64, 64, 8, 2), dq=TileConfig(64, 64, 8, 2)
+    )
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, seq_q, n_q_heads, head_dim = q.shape
+    seq_k, n_kv_heads = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_q_heads, seq_q), dtype=torch.float32, device=q.device)
+    tile = launch_config(head_dim, _runtime.target(q.device).arch).fwd
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    _runtime.launch(
+        wrap_triton(_attn_fwd_kernel), (_runtime.cdiv(seq_q, tile.block_m), batch * n_q_heads),
+        q, k, v, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        n_q_heads, n_q_heads // n_kv_heads, seq_q, seq_k, sm_scale * LOG2E,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        DOT_PRECISION=_runtime.dot_precision(q.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, seq_q, n_q_heads, head_dim = q.shape
+    seq_k, n_kv_heads = k.shape[1], k.shape[2]
+    group_size = n_q_heads // n_kv_heads
+    config = launch_config(head_dim, _runtime.target(q.device).arch)
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    precision = _runtime.dot_precision(q.dtype)
+
+    delta = torch.empty_like(lse)
+    block = config.dq.block_m
+    _runtime.launch(
+        wrap_triton(_attn_bwd_delta_kernel), (_runtime.cdiv(seq_q, block), batch * n_q_heads),
+        out, do, delta, *_strides(out), *_strides(do), n_q_heads, seq_q,
+        HEAD_DIM=head_dim, BLOCK_M=block, num_warps=4,
+    )  # fmt: skip
+
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    tile = config.dkdv
+    _runtime.launch(
+        wrap_triton(_attn_bwd_dkdv_kernel),
+        (_runtime.cdiv(seq_k, tile.block_n), batch * n_kv_heads),
+        q, k, v, do, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        n_q_heads, n_kv_heads, group_size, seq_q, seq_k, sm_scale * LOG2E, sm_scale,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        DOT_PRECISION=precision, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    tile = config.dq
+    _runtime.launch(
+        wrap_triton(_attn_bwd_dq_kernel), (_runtime.cdiv(seq_q, tile.block_m), batch * n_q_heads),
+        q, k, v, do, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        n_q_heads, group_size, seq_q, seq_k, sm_scale * LOG2E, sm_scale,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        DOT_PRECISION=precision, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@triton_op("llamatrain::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal)
+
+
+@triton_op("llamatrain::attention_bwd", mutates_args=())
+def _attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, causal)
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal):  # type: ignore[override]
+        out, lse = torch.ops.llamatrain.attention_fwd(q, k, v, causal)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        return out
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.llamatrain.attention_bwd(do, q, k, v, out, lse, ctx.causal)
+        return dq, dk, dv, None
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True
+) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(head_dim)) v for q (batch, seq_q, n_heads, head_dim) and k, v
+    (batch, seq_k, n_kv_heads, head_dim) with n_heads % n_kv_heads == 0."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
+            "(batch, seq, heads, head_dim), k and v of one shape"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} need the same batch and "
+            "head_dim, and n_heads divisible by n_kv_heads"
+        )
+    if q.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"attention: head_dim {q.shape[3]} must be one of {HEAD_DIMS}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention: dtypes {q.dtype}, {k.dtype}, {v.dtype} must be equal")
+    return AttentionFunction.apply(q, k, v, bool(causal))
