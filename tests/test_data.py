@@ -326,3 +326,9 @@ def test_cli_prepares_a_stdlib_slice_with_a_progress_bar(tmp_path):
     assert meta["num_documents"] == len(py)
     # Byte-compiled caches in __pycache__ are not UTF-8 text: named as skipped, not fatal.
     assert all(s["path"].endswith(".pyc") for s in meta["skipped"])
+
+
+def test_token_ids_are_uint16_while_the_vocabulary_fits_else_uint32():
+    assert data_prepare.token_dtype(32_000) == np.uint16
+    assert data_prepare.token_dtype(65_536) == np.uint16
+    assert data_prepare.token_dtype(65_537) == np.uint32

@@ -37,7 +37,7 @@ META_VERSION = 1
 # 512 MiB of uint16 per shard: big enough to keep file counts low, small enough to copy around.
 SHARD_TOKENS = 1 << 28
 # Work handed to a worker at a time: large enough to amortise pickling, small enough to balance.
-TASK_BYTES = 1 << 20
+TASK_BYTES = 1 << 18
 # At most this many lines come from one file, so a corpus of a few huge files still gets sampled
 # from several of them.
 SAMPLE_FILES_MIN = 16
@@ -382,6 +382,7 @@ class Progress:
         self.total_files, self.total_bytes, self.enabled = total_files, max(total_bytes, 1), enabled
         self.tty = sys.stderr.isatty()
         self.start = self.last = time.monotonic()
+        self.width = 0
 
     def update(self, *, files: int, docs: int, tokens: int, done_bytes: int, final=False) -> None:
         now = time.monotonic()
@@ -396,8 +397,9 @@ class Progress:
             f"{tokens / dt / 1e6:.2f}M tok/s | {tokens:,} tokens | "
             + (f"done in {dt:.1f}s" if final else f"ETA {eta:.0f}s")
         )
-        end = "\n" if final or not self.tty else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+        if self.tty:  # redraw in place, blanking what a longer previous line left behind
+            line, self.width = "\r" + line.ljust(self.width), max(self.width, len(line))
+        print(line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
 
 
 @dataclass
