@@ -1,0 +1,463 @@
+"""The training loop: `python -m llamatrain.train --config CONFIG [--section.key=value ...]`.
+
+Alone it is a world of one; under torchrun it is one rank of any number of processes and nodes.
+Each step reads its slice of the global batch, runs the micro-batches (gradient accumulation),
+clips, steps AdamW on the §2.2 schedule and logs; checkpoints are saved every
+`checkpoint.interval` steps and at the end, and a run whose directory holds one resumes from it.
+
+Exit codes: 0 done; 2 bad configuration; 3 too many non-finite losses in a row;
+75 (REQUEUE_EXIT_CODE) a SIGUSR1 or SIGTERM was received, a checkpoint was saved: requeue me.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llamatrain import ops
+from llamatrain.carbon import EnergyMeter, account, format_accounting
+from llamatrain.checkpoint import Checkpointer, load_model_weights
+from llamatrain.config import Config, TrainConfig, load_config, run_cli, split_cli, to_dict, to_toml
+from llamatrain.data import GlobalSampler, load_dataset, prepare_source
+from llamatrain.flops import mfu as model_flops_utilisation
+from llamatrain.metrics import MetricsLogger, memory_gb, plot_loss
+from llamatrain.model import Transformer, num_params
+from llamatrain.parallel import World, build_mesh, init_distributed, materialize, parallelize
+
+REQUEUE_EXIT_CODE = 75
+BAD_STEPS_EXIT_CODE = 3
+IGNORE_INDEX = -100
+# Test-only fault injection: comma-separated steps whose loss is made NaN.
+FAULT_NAN_ENV = "LLAMATRAIN_FAULT_NAN_STEPS"
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update number `step` (0-based): linear warmup, then cosine to
+    min_lr_ratio of the peak at the last step (§2.2: 2000 warmup steps, decay to 10%)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(sequences per global batch, micro-batches per rank per step)."""
+    per_pass = world_size * cfg.micro_batch_size * cfg.seq_len
+    if cfg.global_batch_tokens % per_pass:
+        raise ValueError(
+            f"train.global_batch_tokens = {cfg.global_batch_tokens}: not a multiple of "
+            f"world_size x micro_batch_size x seq_len = {world_size} x {cfg.micro_batch_size} x "
+            f"{cfg.seq_len} = {per_pass}"
+        )
+    return cfg.global_batch_tokens // cfg.seq_len, cfg.global_batch_tokens // per_pass
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW with weight decay on the 2-D weight matrices (linear layers and embeddings) only;
+    RMSNorm gains are not decayed."""
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    no_decay = [p for p in model.parameters() if p.ndim != 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "apex_fused_adam":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise ValueError("train.optimizer = 'apex_fused_adam': NVIDIA apex is not importable "
+                             "(build it from github.com/NVIDIA/apex, or use 'adamw')") from None
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: World):
+        self.cfg, self.world = cfg, world
+        self.device = world.device
+        self.run_dir = Path(cfg.run.dir)
+        self.stop_requested = False
+        self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                      "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
+        self.global_batch, self.accum = batch_geometry(cfg.train, world.world_size)
+        self.backend = ops.set_backend(cfg.kernels.backend, self.device.type)
+        self.fault_nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s}
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        self.log(f"world {world.world_size} on {world.num_nodes} node(s), {self.device_name}, "
+                 f"kernels {self.backend}, {str(self.dtype).removeprefix('torch.')}; global batch "
+                 f"{self.global_batch} x {cfg.train.seq_len} tokens, {self.accum} micro-batch(es) "
+                 f"of {cfg.train.micro_batch_size} per rank; SLURM_RESTART_COUNT {restarts}, "
+                 f"torchrun restarts {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+        self.metrics = MetricsLogger(self.run_dir, cfg.metrics, enabled=world.is_main,
+                                     total_steps=cfg.train.steps, run_name=cfg.run.name,
+                                     config=to_dict(cfg))
+        self._setup_data()
+        self._setup_model()
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank=world.rank,
+                                         world_size=world.world_size)
+        self.energy = EnergyMeter(self.device)
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+    def log(self, message: str) -> None:
+        if self.world.is_main:
+            print(message, flush=True)
+
+    def _setup_data(self) -> None:
+        cfg, world = self.cfg, self.world
+        # One process per node prepares the source; the others then find it in the cache.
+        if world.local_rank == 0:
+            path = prepare_source(cfg.data, vocab_size=cfg.model.vocab_size)
+        if dist.is_initialized():
+            dist.barrier()
+        if world.local_rank != 0:
+            path = prepare_source(cfg.data, vocab_size=cfg.model.vocab_size)
+        self.train_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="train")
+        self.val_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="val")
+        self.sampler = GlobalSampler(num_samples=len(self.train_data), seed=cfg.train.seed)
+        self.log(f"data {path}: {len(self.train_data):,} training and {len(self.val_data):,} "
+                 f"validation sequences")
+
+    def _setup_model(self) -> None:
+        cfg, world = self.cfg, self.world
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        self.num_params = num_params(model)
+        use_fsdp = world.world_size > 1 or self.device.type == "cuda"
+        self.mesh = build_mesh(cfg.parallel, world) if use_fsdp else None
+        self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype)
+        materialize(self.model, self.device, seed=cfg.train.seed)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+        self.log(f"model {self.num_params:,} parameters "
+                 f"({'FSDP2 mesh ' + str(tuple(self.mesh.shape)) if self.mesh else 'unsharded'})")
+
+    # ------------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_requested = True
+        print(f"rank {self.world.rank}: got {signal.Signals(signum).name}; saving at the next "
+              "step boundary", file=sys.stderr, flush=True)
+
+    def _agree_to_stop(self) -> bool:
+        flag = _all_reduce(torch.tensor([float(self.stop_requested)], device=self.device),
+                           dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen,
+                "sampler": self.sampler.state_dict(), "schedule": {"step": self.step},
+                "bad_steps": self.bad_steps, "wall_s": self.wall_s, "energy_kwh": self.energy_kwh}
+
+    def save(self) -> None:
+        blocked = self.checkpointer.save(self.step, self.model, self.optimizer,
+                                         self._trainer_state())
+        mode = "async, " if self.cfg.checkpoint.async_save else ""
+        self.log(f"checkpoint step-{self.step} ({mode}blocked {blocked:.2f} s)")
+        self.last_saved = self.step
+
+    def restore(self) -> None:
+        self.step = self.tokens_seen = self.bad_steps = 0
+        self.wall_s = self.energy_kwh = 0.0
+        restored = self.checkpointer.restore(self.model, self.optimizer, log=self.log)
+        if restored is None:
+            if self.cfg.checkpoint.init_from:
+                load_model_weights(self.cfg.checkpoint.init_from, self.model)
+                self.log(f"initialised weights from {self.cfg.checkpoint.init_from}")
+            self.last_saved = -1
+            return
+        state = restored.trainer
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.bad_steps, self.wall_s = state["bad_steps"], state["wall_s"]
+        self.energy_kwh = state.get("energy_kwh", 0.0)
+        self.sampler.load_state_dict(state["sampler"])
+        self.last_saved = self.step
+        self.metrics.truncate_after(self.step)
+        self.log(f"resumed from {restored.path} (step {self.step}, saved at world size "
+                 f"{state['saved_world_size']})")
+
+    # ------------------------------------------------------------------------------------------
+
+    def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
+        start = time.perf_counter()
+        indices = self.sampler.next_indices(self.global_batch, self.world.rank,
+                                            self.world.world_size)
+        batch = self.train_data.get_batch(indices)
+        mbs = self.cfg.train.micro_batch_size
+        micro = [{k: v[i : i + mbs].to(self.device, non_blocking=True) for k, v in batch.items()}
+                 for i in range(0, len(indices), mbs)]
+        return micro, time.perf_counter() - start
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over unmasked targets, their count) of one micro-batch."""
+        logits = self.model(batch["input_ids"])
+        labels = batch["labels"]
+        loss = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)
+        return loss, (labels != IGNORE_INDEX).sum()
+
+    def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches; returns (global loss, grad norm).
+
+        The loss is the mean over every unmasked target of the global batch, so SFT's masked
+        prompts and unequal micro-batches weigh exactly as they should: each micro-batch's mean is
+        weighted by its share of the global target count (FSDP then averages over ranks)."""
+        counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro]).to(self.device)
+        global_count = _all_reduce(counts.sum().float()).clamp(min=1)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            if self.mesh is not None:
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            loss, count = self._loss(batch)
+            if self.step in self.fault_nan_steps:
+                loss = loss * float("nan")
+            share = loss * count / global_count
+            (share * self.world.world_size).backward()
+            total += share.detach()
+        loss = _all_reduce(total).item()
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return loss, norm.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over the first eval_batches micro-batches of every rank."""
+        mbs, world = self.cfg.train.micro_batch_size, self.world
+        n = min(len(self.val_data), self.cfg.train.eval_batches * mbs * world.world_size)
+        if n < world.world_size:
+            return None
+        self.model.eval()
+        mine = list(range(world.rank, n, world.world_size))
+        total = torch.zeros(2, device=self.device)
+        for i in range(0, len(mine), mbs):
+            batch = {k: v.to(self.device)
+                     for k, v in self.val_data.get_batch(mine[i : i + mbs]).items()}
+            loss, count = self._loss(batch)
+            total += torch.stack([loss * count, count.float()])
+        self.model.train()
+        total = _all_reduce(total)
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    # ------------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        cfg = self.cfg
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        self.restore()
+        if self.step >= cfg.train.steps:
+            self.log(f"already at step {self.step} of {cfg.train.steps}: nothing to do")
+            return 0
+        start_step, window = self.step, _Window()
+        profiler = self._profiler()
+        while self.step < cfg.train.steps:
+            if self._agree_to_stop():
+                if self.last_saved != self.step:
+                    self.save()
+                self.checkpointer.wait()
+                self.log(f"stopping at step {self.step} for requeue (exit {REQUEUE_EXIT_CODE})")
+                return REQUEUE_EXIT_CODE
+            t0 = time.perf_counter()
+            lr = lr_at(self.step, cfg.train)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            micro, data_wait = self._micro_batches()
+            loss, grad_norm = self.train_step(micro)
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                self.optimizer.step()
+                self.bad_steps = 0
+            else:
+                self.bad_steps += 1
+                self.log(f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}; "
+                         f"update skipped ({self.bad_steps} in a row)")
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    raise TooManyBadSteps(
+                        f"{self.bad_steps} non-finite steps in a row (train.max_bad_steps = "
+                        f"{cfg.train.max_bad_steps}); last good checkpoint: step-{self.last_saved}")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.step += 1
+            self.tokens_seen += self.global_batch * cfg.train.seq_len
+            step_time = time.perf_counter() - t0
+            self.wall_s += step_time
+            window.add(step_time, data_wait)
+            if profiler is not None:
+                profiler.step()
+            self.checkpointer.poll()
+            if self.step % cfg.metrics.log_interval == 0 or self.step == cfg.train.steps:
+                self._log_step(loss, grad_norm, lr, window, self.step - start_step)
+                window = _Window()
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                self._log_eval()
+            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+                self.save()
+        if cfg.train.eval_interval == 0 or self.step % cfg.train.eval_interval:
+            self._log_eval()
+        self.checkpointer.wait()
+        if profiler is not None:
+            profiler.stop()
+        self.report()
+        return 0
+
+    def _log_step(self, loss: float, grad_norm: float, lr: float, window: _Window,
+                  steps_this_run: int) -> None:
+        cfg = self.cfg
+        tokens_per_s = window.steps * self.global_batch * cfg.train.seq_len / window.time / \
+            self.world.world_size
+        kwh = self._energy_so_far()
+        rec = {
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
+            "mfu": model_flops_utilisation(tokens_per_s, cfg.model, cfg.train.seq_len,
+                                           self.device_name, "bf16"),
+            "mem_gb": memory_gb(self.device), "step_time_s": window.time / window.steps,
+            "data_wait_s": window.data_wait / window.steps, "bad_steps": self.bad_steps,
+            "energy_kwh": kwh,
+        }
+        self.metrics.log(rec, steps_done_this_run=steps_this_run, step=self.step)
+
+    def _log_eval(self) -> None:
+        val = self.evaluate()
+        if val is not None:
+            self.log(f"step {self.step}: validation loss {val:.4f}")
+            self.metrics.write({"step": self.step, "tokens_seen": self.tokens_seen,
+                                "val_loss": val})
+
+    def _energy_so_far(self) -> float | None:
+        measured = self.energy.kwh()
+        if measured is None:
+            return None
+        return self.energy_kwh + _all_reduce(torch.tensor([measured])).item()
+
+    def _profiler(self):
+        n = self.cfg.metrics.profile_steps
+        if not n:
+            return None
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        out = self.run_dir / "profile"
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+
+        def export(prof) -> None:
+            path = out / f"trace-rank{self.world.rank}.json"
+            out.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(path))
+            self.log(f"profiler trace: {path} (open in https://ui.perfetto.dev or TensorBoard)")
+
+        prof = profile(activities=activities, on_trace_ready=export,
+                       schedule=schedule(wait=1, warmup=1, active=n, repeat=1))
+        prof.start()
+        return prof
+
+    def report(self) -> dict[str, Any]:
+        """report.json and report.md: what the run did and what it cost."""
+        cfg, world = self.cfg, self.world
+        tokens_per_s = self.tokens_seen / max(self.wall_s, 1e-9)
+        acct = account(cfg.carbon, num_devices=world.world_size, wall_s=self.wall_s,
+                       device_name=self.device_name, measured_kwh=self._energy_so_far())
+        per_device = tokens_per_s / world.world_size
+        report = {
+            "run": cfg.run.name, "world_size": world.world_size, "num_nodes": world.num_nodes,
+            "device": self.device_name, "kernels": self.backend, "params": self.num_params,
+            "steps": self.step, "tokens": self.tokens_seen, "wall_s": self.wall_s,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+            "mfu": model_flops_utilisation(per_device, cfg.model, cfg.train.seq_len,
+                                           self.device_name, "bf16"),
+            "device_hours": world.world_size * self.wall_s / 3600, **acct,
+        }
+        records = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if "loss" in r]
+        if records:
+            report["final_loss"] = records[-1]["loss"]
+        vals = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if "val_loss" in r]
+        if vals:
+            report["final_val_loss"] = vals[-1]["val_loss"]
+        if world.is_main:
+            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (self.run_dir / "report.md").write_text(_report_markdown(report, acct))
+            plot = plot_loss(self.run_dir)
+            self.log(f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
+                     f"{self.wall_s:.1f} s; {format_accounting(acct)}; report "
+                     f"{self.run_dir / 'report.md'}; loss curve {plot}")
+        return report
+
+
+class _Window:
+    """Timing of the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.steps, self.time, self.data_wait = 0, 0.0, 0.0
+
+    def add(self, step_time: float, data_wait: float) -> None:
+        self.steps += 1
+        self.time += step_time
+        self.data_wait += data_wait
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _report_markdown(report: dict[str, Any], acct: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return "n/a" if v is None else str(v)
+
+    rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in report.items())
+    return (f"# Run report: {report['run']}\n\n| what | value |\n| --- | --- |\n{rows}\n\n"
+            f"{format_accounting(acct)}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    if path is None:
+        raise ValueError("--config: required (e.g. --config configs/tiny.toml)")
+    cfg = load_config(path, overrides)
+    world = init_distributed()
+    try:
+        return Trainer(cfg, world).train()
+    except TooManyBadSteps as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return BAD_STEPS_EXIT_CODE
+    finally:
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)
