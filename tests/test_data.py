@@ -300,6 +300,8 @@ def test_prepare_source_rejects_mismatches_with_a_value_error(tmp_path, prepared
         prepare_source(source_config(first, tmp_path), vocab_size=256)
     with pytest.raises(ValueError, match="data.format='sft'"):
         load_dataset(first, DataConfig(format="sft"), seq_len=8)
+    with pytest.raises(ValueError, match="seq_len=100000: .* too few for one sample"):
+        load_dataset(first, DataConfig(), seq_len=100_000)
 
 
 def test_the_default_source_is_the_stdlib_python_files():

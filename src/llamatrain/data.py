@@ -322,7 +322,10 @@ class SFTDataset(_Dataset):
 def load_dataset(
     path: str | Path, cfg: DataConfigLike, *, seq_len: int, split: str = "train"
 ) -> PretrainDataset | SFTDataset:
-    """The split of a prepared directory as fixed-length samples of seq_len tokens."""
+    """The split of a prepared directory as fixed-length samples of seq_len tokens.
+
+    An empty training split is a ValueError; an empty validation split is a dataset of length 0.
+    """
     path = Path(path)
     meta = read_meta(path)
     if seq_len < 1:
@@ -332,7 +335,13 @@ def load_dataset(
             f"data.format={cfg.format!r} but {str(path)!r} was prepared as {meta['format']!r}"
         )
     cls = SFTDataset if meta["format"] == "sft" else PretrainDataset
-    return cls(path, meta, seq_len, split)
+    ds = cls(path, meta, seq_len, split)
+    if split == "train" and not len(ds):
+        raise ValueError(
+            f"seq_len={seq_len}: {str(path)!r} has {ds.stream.num_tokens} training tokens, "
+            "too few for one sample; allowed: a shorter seq_len or a larger source"
+        )
+    return ds
 
 
 # ---------------------------------------------------------------- CLI
