@@ -334,3 +334,19 @@ def test_token_ids_are_uint16_while_the_vocabulary_fits_else_uint32():
     assert data_prepare.token_dtype(32_000) == np.uint16
     assert data_prepare.token_dtype(65_536) == np.uint16
     assert data_prepare.token_dtype(65_537) == np.uint32
+
+
+def test_truncated_compressed_files_are_skipped_not_read_short(tmp_path, prepared):
+    _, first, _ = prepared
+    rows = "".join(json.dumps({"text": f"return value {k}"}) + "\n" for k in range(2000)).encode()
+    gz, zst = gzip.compress(rows), zstandard.ZstdCompressor().compress(rows)
+    (tmp_path / "a.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    (tmp_path / "b.jsonl.zst").write_bytes(zst[: len(zst) // 2])
+    (tmp_path / "c.jsonl.zst").write_bytes(zst + zst)  # two frames: both read
+    meta = prepare_dir(
+        [str(tmp_path)], tmp_path / "out", opts(), tokenizer=str(first / "tokenizer.model")
+    )
+    reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
+    assert set(reasons) == {"a.jsonl.gz", "b.jsonl.zst"}
+    assert all(r.startswith("cannot read: ") for r in reasons.values())
+    assert meta["num_documents"] == 4000

@@ -18,6 +18,7 @@ import random
 import sys
 import sysconfig
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -119,15 +120,31 @@ def is_jsonl(path: Path) -> bool:
     return _base_name(path).endswith(".jsonl")
 
 
-def _open(path: Path) -> BinaryIO:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.name.endswith(".zst"):
-        # read_across_frames: files written by pzstd or appended to hold several frames.
-        return zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True
-        )
-    return open(path, "rb")
+def _blocks(path: Path) -> Iterator[bytes]:
+    """The file's bytes, decompressed, in blocks of up to TASK_BYTES."""
+    with open(path, "rb") as raw:
+        if path.name.endswith(".zst"):
+            yield from _zstd_blocks(raw)
+            return
+        f = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+        while block := f.read(TASK_BYTES):
+            yield block
+
+
+def _zstd_blocks(raw: BinaryIO) -> Iterator[bytes]:
+    # By hand rather than zstandard's stream_reader, which ends silently where a truncated file
+    # stops; every frame, as pzstd and appending writers make several.
+    dctx = zstandard.ZstdDecompressor()
+    frame, in_frame = dctx.decompressobj(), False
+    while data := raw.read(TASK_BYTES):
+        while data:
+            if out := frame.decompress(data):
+                yield out
+            data, in_frame = b"", True
+            if frame.eof:
+                data, frame, in_frame = frame.unused_data, dctx.decompressobj(), False
+    if in_frame:
+        raise EOFError("zstd data ends inside a frame (truncated file?)")
 
 
 @dataclass
@@ -144,30 +161,29 @@ class Item:
 def read_items(path: Path, file_index: int) -> Iterator[Item]:
     """A file's pieces in order; the last one has last=True. Read errors become an error item."""
     try:
-        with _open(path) as f:
-            if not is_jsonl(path):
-                yield Item(file_index, f.read(), last=True)
-                return
-            line, rest, pending = 0, b"", None
-            while block := f.read(TASK_BYTES):
-                block = rest + block
-                cut = block.rfind(b"\n") + 1
-                rest = block[cut:]
-                if cut:
-                    if pending is not None:
-                        yield pending
-                        line += pending.data.count(b"\n")
-                    pending = Item(file_index, block[:cut], first_line=line)
-            if rest:
+        if not is_jsonl(path):
+            yield Item(file_index, b"".join(_blocks(path)), last=True)
+            return
+        line, rest, pending = 0, b"", None
+        for block in _blocks(path):
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            rest = block[cut:]
+            if cut:
                 if pending is not None:
                     yield pending
                     line += pending.data.count(b"\n")
-                pending = Item(file_index, rest, first_line=line)
-            if pending is None:
-                pending = Item(file_index, b"")
-            pending.last = True
-            yield pending
-    except (OSError, EOFError, zstandard.ZstdError) as e:
+                pending = Item(file_index, block[:cut], first_line=line)
+        if rest:
+            if pending is not None:
+                yield pending
+                line += pending.data.count(b"\n")
+            pending = Item(file_index, rest, first_line=line)
+        if pending is None:
+            pending = Item(file_index, b"")
+        pending.last = True
+        yield pending
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
 
 
