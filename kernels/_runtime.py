@@ -74,7 +74,8 @@ def launch(
     # FMA contraction stated explicitly: Triton 3.9 warns that its default will change.
     options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
     if _recorder is not None:
-        kernel = wrapped.kernel
+        # wrap_triton returns the bare kernel when it need not trace (e.g. wrapping disabled).
+        kernel = getattr(wrapped, "kernel", wrapped)
         names = kernel.arg_names
         values = dict(zip(names, args, strict=False)) | constexprs
         if len(args) > len(names) or set(values) != set(names):

@@ -1,0 +1,88 @@
+"""The Triton cross-entropy against ops.cross_entropy_ref, forward and backward."""
+
+import pytest
+import torch
+from kernel_helpers import DEVICE, check_against_reference, dtypes, randn
+
+from llamatrain import kernels, ops
+
+
+def targets_with_ignored(shape: tuple[int, ...], vocab: int, ignored: int) -> torch.Tensor:
+    targets = torch.randint(0, vocab, shape, device=DEVICE)
+    targets.view(-1)[:ignored] = -100
+    return targets
+
+
+@dtypes
+@pytest.mark.parametrize(
+    "shape, vocab, ignored", [((2, 37), 5003, 7), ((74,), 123, 0), ((3, 5), 32000, 2)], ids=str
+)
+def test_cross_entropy_matches_reference(shape, vocab, ignored, dtype):
+    # 5003 and 32000 span several 4096-wide chunks, with a ragged last one.
+    logits = randn(*shape, vocab, dtype=dtype, scale=4.0)
+    targets = targets_with_ignored(shape, vocab, ignored)
+    check_against_reference(
+        lambda x: kernels.cross_entropy(x, targets),
+        lambda x: ops.cross_entropy_ref(x, targets),
+        [logits], dtype,
+    )
+
+
+def test_cross_entropy_loss_is_fp32_mean_over_kept_targets():
+    logits = randn(4, 50)
+    targets = torch.tensor([3, -100, 7, -100], device=DEVICE)
+    loss = kernels.cross_entropy(logits, targets)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    by_hand = -(logits.log_softmax(-1)[[0, 2], [3, 7]]).mean()
+    torch.testing.assert_close(loss, by_hand, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_entropy_is_zero_with_zero_gradient_when_every_target_is_ignored():
+    logits = randn(3, 7, 100).requires_grad_(True)
+    targets = torch.full((3, 7), -1, device=DEVICE)
+    loss = kernels.cross_entropy(logits, targets, ignore_index=-1)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_gradient_scales_with_upstream_gradient():
+    logits = randn(5, 300)
+    targets = torch.randint(0, 300, (5,), device=DEVICE)
+    x1, x2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    kernels.cross_entropy(x1, targets).backward()
+    (kernels.cross_entropy(x2, targets) * 2.5).backward()
+    torch.testing.assert_close(x2.grad, 2.5 * x1.grad)
+
+
+def test_cross_entropy_of_vocab_slice_of_wider_logits():
+    wide = randn(2, 37, 700, scale=3.0)
+    logits = wide[..., :613]  # rows strided by 700
+    targets = targets_with_ignored((2, 37), 613, 3)
+    check_against_reference(
+        lambda x: kernels.cross_entropy(x, targets), lambda x: ops.cross_entropy_ref(x, targets),
+        [logits], torch.float32,
+    )
+
+
+def test_cross_entropy_stays_finite_for_huge_logits():
+    logits = randn(4, 1000, scale=1e4)
+    targets = torch.randint(0, 1000, (4,), device=DEVICE)
+    check_against_reference(
+        lambda x: kernels.cross_entropy(x, targets), lambda x: ops.cross_entropy_ref(x, targets),
+        [logits], torch.float32,
+    )
+
+
+def test_cross_entropy_second_backward_through_graph_fails_loudly():
+    # The stored gradient is scaled in place by the first backward; a second must not reuse it.
+    logits = randn(2, 64).requires_grad_(True)
+    loss = kernels.cross_entropy(logits, torch.tensor([1, 2], device=DEVICE))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_cross_entropy_rejects_targets_of_other_shape():
+    with pytest.raises(ValueError, match=r"logits \(2, 5, 10\) and targets \(2, 4\)"):
+        kernels.cross_entropy(randn(2, 5, 10), torch.zeros(2, 4, dtype=torch.long, device=DEVICE))
