@@ -22,10 +22,11 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llamatrain.config import DataConfig
 from llamatrain.data_prepare import EMPTY, FORMATS, STDLIB, PrepareOptions, build, collect_files
 from llamatrain.sampler import GlobalSampler
 from llamatrain.tokenizer import TRAINER_SETTINGS, Tokenizer, load_tokenizer
@@ -40,27 +41,13 @@ IGNORE_INDEX = -100
 CACHE_VERSION = 1
 
 
-class DataConfigLike(Protocol):
-    """The fields of config.DataConfig that data needs."""
-
-    source: str
-    format: str
-    cache_dir: str
-    tokenizer: str
-    text_key: str
-    val_fraction: float
-    workers: int
-    tokenizer_sample: int
-
-
-def _options(cfg: DataConfigLike, *, progress: bool = True) -> PrepareOptions:
+def _options(cfg: DataConfig) -> PrepareOptions:
     return PrepareOptions(
         format=cfg.format,
         text_key=cfg.text_key,
         val_fraction=cfg.val_fraction,
         workers=cfg.workers,
         tokenizer_sample=cfg.tokenizer_sample,
-        progress=progress,
     )
 
 
@@ -86,7 +73,7 @@ def _source_identity(source: str) -> dict[str, Any]:
     return {"source": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def cache_key(cfg: DataConfigLike, *, vocab_size: int) -> str:
+def cache_key(cfg: DataConfig, *, vocab_size: int) -> str:
     """Hash of everything that changes the prepared shards (not the worker count)."""
     if cfg.tokenizer:
         tokenizer: dict[str, Any] = {"sha256": load_tokenizer(cfg.tokenizer).sha256}
@@ -107,7 +94,7 @@ def cache_key(cfg: DataConfigLike, *, vocab_size: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_prepared(path: Path, cfg: DataConfigLike, *, vocab_size: int) -> None:
+def _check_prepared(path: Path, cfg: DataConfig, *, vocab_size: int) -> None:
     meta = read_meta(path)
     if meta["format"] != cfg.format:
         raise ValueError(
@@ -124,7 +111,7 @@ def _check_prepared(path: Path, cfg: DataConfigLike, *, vocab_size: int) -> None
         )
 
 
-def prepare_source(cfg: DataConfigLike, *, vocab_size: int) -> Path:
+def prepare_source(cfg: DataConfig, *, vocab_size: int) -> Path:
     """Directory of the prepared `cfg.source`: prepared now into cfg.cache_dir unless cached.
 
     Several processes may call this at once (ranks, nodes on a shared file system): each builds in
@@ -320,7 +307,7 @@ class SFTDataset(_Dataset):
 
 
 def load_dataset(
-    path: str | Path, cfg: DataConfigLike, *, seq_len: int, split: str = "train"
+    path: str | Path, cfg: DataConfig, *, seq_len: int, split: str = "train"
 ) -> PretrainDataset | SFTDataset:
     """The split of a prepared directory as fixed-length samples of seq_len tokens.
 
