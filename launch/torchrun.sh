@@ -81,6 +81,9 @@ else
                 --master-port="$MASTER_PORT")
 fi
 
+# On SIGTERM (scancel, time limit, preemption by SLURM) torchrun passes it to the workers, which
+# save, and kills them after this grace period: 30 s by default, too short for a large checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 # torchrun dies of SIGUSR1 and leaves its workers orphaned; SLURM signals every process of the
 # step, so torchrun (and this shell) must ignore it. The workers inherit the ignore until the
 # trainer installs its own handler, which is what saves and exits.

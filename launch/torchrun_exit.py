@@ -2,14 +2,15 @@
 
 torchrun turns every worker failure into exit status 1, which would hide the trainer's requeue
 code (llamatrain.train.REQUEUE_EXIT_CODE, 75: "checkpoint saved, start me again") from the launch
-scripts. Arguments are torchrun's; `python launch/torchrun_exit.py ARGS` behaves like
-`torchrun ARGS` in every other way.
+scripts; and it ends with a traceback when it is itself terminated. Arguments are torchrun's;
+`python launch/torchrun_exit.py ARGS` behaves like `torchrun ARGS` in every other way.
 """
 
 from __future__ import annotations
 
 import sys
 
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
@@ -32,3 +33,7 @@ if __name__ == "__main__":
         ranks = ",".join(str(rank) for rank in sorted(error.failures))
         print(f"torchrun: workers (ranks {ranks}) exited with {code}", file=sys.stderr)
         sys.exit(code)
+    except SignalException as error:
+        # torchrun passed the signal on to the workers and waited for them to stop.
+        print(f"torchrun: stopped by {error.sigval.name}", file=sys.stderr)
+        sys.exit(128 + error.sigval)

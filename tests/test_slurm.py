@@ -1,0 +1,133 @@
+"""launch/pretrain.sbatch on a real two-node SLURM cluster on localhost (launch/local-cluster):
+training across both nodes, preemption with requeue and resume, no requeue after a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from slurm_cluster import (
+    LAUNCH,
+    REPO,
+    read_metrics,
+    start_cluster,
+    stop_cluster,
+    tiny_overrides,
+)
+
+SBATCH = str(LAUNCH / "pretrain.sbatch")
+CONFIG = str(REPO / "configs" / "tiny.toml")
+STEPS = 50
+INTERVAL = 1000  # far beyond STEPS: a checkpoint before the end can only be a preemption's
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    stop_cluster(cluster)
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory):
+    return tiny_overrides(tmp_path_factory.getbasetemp() / "launch-data", steps=STEPS,
+                          interval=INTERVAL)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, overrides, tmp_path_factory):
+    """An uninterrupted two-node run: (submission directory, job id, final job record)."""
+    work = tmp_path_factory.mktemp("reference")
+    job_id = cluster.sbatch("--nodes=2", "--job-name=reference", SBATCH, CONFIG, *overrides,
+                            cwd=work)
+    info = cluster.wait_done(job_id, timeout=240, log=work / f"reference-{job_id}.out")
+    return work, job_id, info
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def test_local_cluster_has_two_idle_nodes_with_the_machines_cores(cluster):
+    out = cluster.run("sinfo", "-h", "-N", "-o", "%N %T %c %m").stdout.split("\n")
+    nodes = [line.split() for line in out if line]
+    meminfo = Path("/proc/meminfo").read_text()
+    mem_total_mb = int(re.search(r"MemTotal:\s+(\d+)", meminfo)[1]) // 1024
+
+    assert [n[0] for n in nodes] == ["n1", "n2"]
+    assert {n[1] for n in nodes} <= {"idle", "allocated", "completing"}
+    assert all(int(n[2]) == os.cpu_count() for n in nodes)
+    assert all(0.4 * mem_total_mb < int(n[3]) <= 0.5 * mem_total_mb for n in nodes)
+
+
+def test_local_cluster_up_again_is_a_no_op_on_a_running_cluster(cluster):
+    pid_before = (cluster.state / "slurmctld.pid").read_text()
+
+    out = cluster.run(str(LAUNCH / "local-cluster"), "up", "--state", str(cluster.state)).stdout
+
+    assert "already running" in out
+    assert (cluster.state / "slurmctld.pid").read_text() == pid_before
+    assert f"export SLURM_CONF={cluster.state}/slurm.conf" in out
+
+
+def test_two_node_job_trains_one_run_across_both_nodes(reference):
+    work, job_id, info = reference
+    run_dir = work / "runs" / "reference"
+    log = (work / f"reference-{job_id}.out").read_text()
+
+    assert info["JobState"] == "COMPLETED", log
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["num_nodes"] == 2
+    assert max(losses(run_dir)) == STEPS
+    assert "(n1)" in log and "(n2)" in log
+    assert "SLURM_RESTART_COUNT=0" in log
+    assert "pretrain.sbatch: training finished" in log
+
+
+def test_usr1_saves_off_interval_requeues_and_resumes_to_the_same_losses(
+    cluster, overrides, reference, tmp_path
+):
+    job_id = cluster.sbatch("--nodes=2", "--job-name=preempted", SBATCH, CONFIG, *overrides,
+                            cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "preempted"
+    log_path = tmp_path / f"preempted-{job_id}.out"
+    cluster.wait_for("three logged steps",
+                     lambda: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 3,
+                     timeout=180, job_id=job_id, log=log_path)
+
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    info = cluster.wait_done(job_id, timeout=240, log=log_path)
+
+    log = log_path.read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert info["Restarts"] == "1", log
+    assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log
+    assert "requeueing job" in log
+    saved = sorted(int(p.name.removeprefix("step-"))
+                   for p in (run_dir / "checkpoints").glob("step-*"))
+    assert len(saved) == 2 and saved[1] == STEPS, saved
+    preempted_at = saved[0]
+    assert 3 <= preempted_at < STEPS and preempted_at % INTERVAL != 0
+    resumed = losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert resumed == losses(reference[0] / "runs" / "reference")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["world_size"] == 2
+
+
+def test_a_run_that_fails_is_not_requeued(cluster, overrides, tmp_path):
+    job_id = cluster.sbatch("--nodes=2", "--job-name=broken", SBATCH, CONFIG, *overrides,
+                            "--train.stepz=3", cwd=tmp_path)
+    log_path = tmp_path / f"broken-{job_id}.out"
+
+    info = cluster.wait_done(job_id, timeout=120, log=log_path)
+
+    log = log_path.read_text()
+    assert info["JobState"] == "FAILED", log
+    assert info["Restarts"] == "0"
+    assert "unknown key train.stepz" in log
+    assert "not requeueing" in log
