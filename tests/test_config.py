@@ -86,7 +86,8 @@ def test_cli_prints_one_line_and_exits_nonzero_without_traceback(tmp_path):
 
 
 def test_readme_configuration_reference_matches_the_dataclasses():
-    readme = open("README.md").read()
+    with open("README.md") as f:
+        readme = f.read()
     assert reference_markdown() in readme, "regenerate: python -m llamatrain.config --markdown"
 
 

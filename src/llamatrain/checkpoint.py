@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -167,7 +168,7 @@ class Checkpointer:
                 app_state = self._app_state(model, optimizer)
                 dcp.load(app_state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
                 trainer = json.loads((path / TRAINER_STATE).read_text())
-            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous
+            except (Exception, CheckpointException) as e:  # any failure to read: try the previous
                 ok = False
                 error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if not _all_ok(ok):

@@ -7,6 +7,8 @@ clips, steps AdamW on the §2.2 schedule and logs; checkpoints are saved every
 
 Exit codes: 0 done; 2 bad configuration; 3 too many non-finite losses in a row;
 75 (REQUEUE_EXIT_CODE) a SIGUSR1 or SIGTERM was received, a checkpoint was saved: requeue me.
+torchrun reports any non-zero worker exit as its own exit 1, so a stop for requeue also leaves the
+file `<run.dir>/requeue` (the step and the reason), which launchers read; the next start removes it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +35,50 @@ from llamatrain.data import GlobalSampler, load_dataset, prepare_source
 from llamatrain.flops import mfu as model_flops_utilisation
 from llamatrain.metrics import MetricsLogger, memory_gb, plot_loss
 from llamatrain.model import Transformer, num_params
-from llamatrain.parallel import World, build_mesh, init_distributed, materialize, parallelize
+from llamatrain.parallel import (
+    World,
+    build_mesh,
+    init_distributed,
+    local_bytes,
+    materialize,
+    parallelize,
+)
 
 REQUEUE_EXIT_CODE = 75
+REQUEUE_MARKER = "requeue"
 BAD_STEPS_EXIT_CODE = 3
 IGNORE_INDEX = -100
-# Test-only fault injection: comma-separated steps whose loss is made NaN.
-FAULT_NAN_ENV = "LLAMATRAIN_FAULT_NAN_STEPS"
+
+
+@dataclass
+class Faults:
+    """Fault injection for tests, from the environment: LLAMATRAIN_FAULT_NAN_STEPS (comma-separated
+    steps whose loss is made NaN), LLAMATRAIN_FAULT_STOP_STEP (act as if SIGUSR1 arrived before
+    that step), LLAMATRAIN_FAULT_KILL_STEP (the last rank SIGKILLs itself before that step, on
+    torchrun's first attempt only)."""
+
+    nan_steps: frozenset[int] = frozenset()
+    stop_step: int | None = None
+    kill_step: int | None = None
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        env = os.environ
+
+        def step(name: str) -> int | None:
+            return int(env[name]) if env.get(name) else None
+
+        nan = env.get("LLAMATRAIN_FAULT_NAN_STEPS", "")
+        return cls(frozenset(int(s) for s in nan.split(",") if s),
+                   step("LLAMATRAIN_FAULT_STOP_STEP"), step("LLAMATRAIN_FAULT_KILL_STEP"))
+
+    def at_step_boundary(self, trainer: Trainer) -> None:
+        if trainer.step == self.stop_step:
+            trainer.stop_requested = True
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        world = trainer.world
+        if trainer.step == self.kill_step and first_attempt and world.rank == world.world_size - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TooManyBadSteps(RuntimeError):
@@ -97,11 +137,13 @@ class Trainer:
         self.device = world.device
         self.run_dir = Path(cfg.run.dir)
         self.stop_requested = False
+        self.stop_reason = "fault injection"
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
         self.global_batch, self.accum = batch_geometry(cfg.train, world.world_size)
         self.backend = ops.set_backend(cfg.kernels.backend, self.device.type)
-        self.fault_nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s}
+        self.faults = Faults.from_env()
+        self.state_bytes: dict[str, int] = {}
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -163,6 +205,7 @@ class Trainer:
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_requested = True
+        self.stop_reason = signal.Signals(signum).name
         print(f"rank {self.world.rank}: got {signal.Signals(signum).name}; saving at the next "
               "step boundary", file=sys.stderr, flush=True)
 
@@ -235,7 +278,7 @@ class Trainer:
             if self.mesh is not None:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             loss, count = self._loss(batch)
-            if self.step in self.fault_nan_steps:
+            if self.step in self.faults.nan_steps:
                 loss = loss * float("nan")
             share = loss * count / global_count
             (share * self.world.world_size).backward()
@@ -274,6 +317,7 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
         self.restore()
         if self.step >= cfg.train.steps:
             self.log(f"already at step {self.step} of {cfg.train.steps}: nothing to do")
@@ -281,10 +325,14 @@ class Trainer:
         start_step, window = self.step, _Window()
         profiler = self._profiler()
         while self.step < cfg.train.steps:
+            self.faults.at_step_boundary(self)
             if self._agree_to_stop():
                 if self.last_saved != self.step:
                     self.save()
                 self.checkpointer.wait()
+                if self.world.is_main:
+                    marker = {"step": self.step, "reason": self.stop_reason}
+                    (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
                 self.log(f"stopping at step {self.step} for requeue (exit {REQUEUE_EXIT_CODE})")
                 return REQUEUE_EXIT_CODE
             t0 = time.perf_counter()
@@ -296,6 +344,8 @@ class Trainer:
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 self.optimizer.step()
                 self.bad_steps = 0
+                if not self.state_bytes:
+                    self.state_bytes = self._state_bytes()
             else:
                 self.bad_steps += 1
                 self.log(f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}; "
@@ -329,6 +379,14 @@ class Trainer:
             profiler.stop()
         self.report()
         return 0
+
+    def _state_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state this rank holds."""
+        params = list(self.model.parameters())
+        optim = [t for state in self.optimizer.state.values() for t in state.values()
+                 if isinstance(t, torch.Tensor) and t.dim() > 0]
+        return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
+                "optimizer": local_bytes(optim)}
 
     def _log_step(self, loss: float, grad_norm: float, lr: float, window: _Window,
                   steps_this_run: int) -> None:
@@ -395,7 +453,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
             "mfu": model_flops_utilisation(per_device, cfg.model, cfg.train.seq_len,
                                            self.device_name, "bf16"),
-            "device_hours": world.world_size * self.wall_s / 3600, **acct,
+            "device_hours": world.world_size * self.wall_s / 3600,
+            "state_bytes_per_rank": self.state_bytes, **acct,
         }
         records = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if "loss" in r]
         if records:
