@@ -451,6 +451,14 @@ def _tasks(files: Sequence[Path], abandoned: set[int]) -> Iterator[list[Item]]:
         yield task
 
 
+def _start_method() -> str:
+    """fork starts workers in milliseconds, spawn in about a second; but forking a process whose
+    torch or gloo threads are running (the trainer's) can deadlock the child, so spawn there."""
+    if "torch" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    return "fork"
+
+
 def _results(files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, abandoned: set[int]):
     """ItemResults in file order, from a pool of spawned workers (or in-process for one)."""
     init = (tok.model_proto, opts, [is_jsonl(p) for p in files])
@@ -460,8 +468,7 @@ def _results(files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, abando
         for task in _tasks(files, abandoned):
             yield from encode_task(task)
         return
-    # spawn, not fork: the trainer calls this with torch and gloo threads alive.
-    with multiprocessing.get_context("spawn").Pool(n, init_worker, init) as pool:
+    with multiprocessing.get_context(_start_method()).Pool(n, init_worker, init) as pool:
         pending: deque = deque()
         tasks = _tasks(files, abandoned)
         while True:

@@ -38,8 +38,8 @@ TRAINER_SETTINGS: dict[str, object] = {
 }
 # SentencePiece's trainer drops longer sentences; dropping them here keeps the sample count honest.
 MAX_SENTENCE_BYTES = 4192
-# 256 byte pieces, unk/bos/eos, <sep>, and room for at least a few characters and merges.
-MIN_VOCAB_SIZE = 300
+# 256 byte pieces, unk/bos/eos and <sep>, and at least one piece learned from the text.
+MIN_VOCAB_SIZE = 261
 
 
 @dataclass
