@@ -9,35 +9,35 @@ def global_order(num_samples: int, seed: int, count: int) -> list[int]:
     return GlobalSampler(num_samples, seed=seed).indices_at(list(range(count))).tolist()
 
 
-def run_steps(sampler: GlobalSampler, *, steps: int, batch: int, world_size: int) -> list[int]:
-    """What all ranks together consume in `steps` steps, in rank order within each step."""
+def run(state: dict, *, steps: int, batch: int, world_size: int, seed: int, n: int):
+    """`steps` steps of a job with one sampler per rank, all resumed from `state`: the samples
+    all ranks consumed, in global order, and the state every rank would save."""
+    ranks = [GlobalSampler(n, seed=seed) for _ in range(world_size)]
+    for sampler in ranks:
+        sampler.load_state_dict(state)
     seen = []
     for _ in range(steps):
-        start = sampler.consumed
-        for rank in range(world_size):
-            sampler.consumed = start  # every rank computes from the same position
+        for rank, sampler in enumerate(ranks):
             seen += sampler.next_indices(batch, rank, world_size)
-    return seen
+    states = [sampler.state_dict() for sampler in ranks]
+    assert all(s == states[0] for s in states)
+    return seen, states[0]
 
 
 @pytest.mark.parametrize("resume_world_size", [3, 1])
 def test_resuming_at_another_world_size_sees_exactly_the_next_samples(resume_world_size):
-    num_samples, batch, seed = 50, 6, 1234
-    first = GlobalSampler(num_samples, seed=seed)
-    seen = run_steps(first, steps=4, batch=batch, world_size=2)
-    state = first.state_dict()
+    n, batch, seed = 50, 6, 1234
+    seen, state = run({"consumed": 0}, steps=4, batch=batch, world_size=2, seed=seed, n=n)
     assert state == {"consumed": 24}
-
-    resumed = GlobalSampler(num_samples, seed=seed)
-    resumed.load_state_dict(state)
     # 7 more steps cross the epoch boundary at 50 samples.
-    seen += run_steps(resumed, steps=7, batch=batch, world_size=resume_world_size)
+    more, state = run(state, steps=7, batch=batch, world_size=resume_world_size, seed=seed, n=n)
+    seen += more
+    assert state == {"consumed": 66}
 
-    total = 11 * batch
-    assert seen == global_order(num_samples, seed, total)
-    first_epoch, second_epoch = seen[:num_samples], seen[num_samples:]
-    assert sorted(first_epoch) == list(range(num_samples))  # no duplicate, no gap
-    assert len(set(second_epoch)) == len(second_epoch) == total - num_samples
+    assert seen == global_order(n, seed, 66)
+    first_epoch, second_epoch = seen[:n], seen[n:]
+    assert sorted(first_epoch) == list(range(n))  # no duplicate, no gap
+    assert len(set(second_epoch)) == len(second_epoch) == 66 - n
 
 
 def test_each_rank_takes_a_contiguous_slice_of_the_global_batch():
