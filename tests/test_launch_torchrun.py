@@ -33,8 +33,8 @@ sys.exit(int(codes[int(os.environ["RANK"])]))
 """
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below pid, read from /proc."""
+def process_tree() -> dict[int, list[int]]:
+    """Parent pid -> child pids, read from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -43,11 +43,19 @@ def descendants(pid: int) -> list[int]:
             continue
         fields = text.rpartition(")")[2].split()
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
+    return children
+
+
+def torchrun_workers(launcher_pid: int) -> list[int]:
+    """The worker processes below a torchrun.sh: the children of its torchrun."""
+    tree = process_tree()
+    found, todo = [], [launcher_pid]
     while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
+        pid = todo.pop()
+        if "torchrun_exit.py" in cmdline(pid):
+            found += tree.get(pid, [])
+        else:
+            todo += tree.get(pid, [])
     return found
 
 
@@ -123,9 +131,9 @@ def test_two_nodes_on_localhost_train_stop_on_usr1_with_75_and_resume(tmp_path,
         assert all(node.poll() is None for node in nodes), "a node ended before training"
         time.sleep(0.2)
     # What a scheduler's preemption does: SIGUSR1 to the worker processes, not to torchrun.
-    workers = [pid for node in nodes for pid in descendants(node.pid)
-               if "llamatrain.train" in cmdline(pid) and "torchrun_exit" not in cmdline(pid)]
+    workers = [pid for node in nodes for pid in torchrun_workers(node.pid)]
     assert len(workers) == 2
+    assert all("-m llamatrain.train" in cmdline(pid) for pid in workers)
     for pid in workers:
         os.kill(pid, signal.SIGUSR1)
 
