@@ -27,7 +27,9 @@ import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -217,9 +219,14 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     if not (path / ".metadata").is_file():
         raise ValueError(f"checkpoint.init_from = {str(path)!r}: not a checkpoint directory")
     options = StateDictOptions(strict=True)
-    model_sd, _ = get_state_dict(model, [], options=options)
-    dcp.load({"model": model_sd}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    set_state_dict(model, [], model_state_dict=model_sd, options=options)
+    model_sd = get_model_state_dict(model, options=options)
+    try:
+        dcp.load({"model": model_sd}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:
+        reason = str(e).strip().splitlines()[-1][:300]
+        raise ValueError(f"checkpoint.init_from = {str(path)!r}: does not fit the [model] "
+                         f"section ({reason})") from None
+    set_model_state_dict(model, model_sd, options=options)
 
 
 def save_model_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:

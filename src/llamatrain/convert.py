@@ -310,3 +310,85 @@ def load_meta(meta_dir: str | Path) -> tuple[StateDict, ModelConfig]:
     cfg = model_config_from_meta(json.loads((meta_dir / "params.json").read_text()), vocab)
     return from_meta_state_dicts(shards, cfg), cfg
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+USAGE = """usage:
+  python -m llamatrain.convert to-hf RUN_DIR/checkpoints/step-N OUT_DIR [--dtype bf16|fp32]
+  python -m llamatrain.convert from-hf HF_DIR OUT_DIR
+  python -m llamatrain.convert from-meta META_DIR OUT_DIR
+from-hf and from-meta write a weights-only checkpoint for `--checkpoint.init_from=OUT_DIR`, with
+the [model] section to train it with in OUT_DIR/model.toml."""
+
+
+def _model_toml(cfg: ModelConfig) -> str:
+    from llamatrain.config import Config, to_toml
+
+    text = to_toml(Config(model=cfg))
+    section = text.split("[model]\n", 1)[1].split("\n\n", 1)[0]
+    return f"[model]\n{section}\n"
+
+
+def checkpoint_to_state_dict(step_dir: str | Path) -> tuple[StateDict, ModelConfig]:
+    """Full weights of a training checkpoint, read in one process, with the run's model config."""
+    from llamatrain.checkpoint import read_model_weights
+    from llamatrain.config import load_config
+    from llamatrain.model import Transformer
+
+    step_dir = Path(step_dir)
+    config = step_dir.parent.parent / "config.toml"
+    if not (step_dir / ".metadata").is_file() or not config.is_file():
+        raise ValueError(f"{str(step_dir)!r}: expected RUN_DIR/checkpoints/step-N of a run "
+                         "(with RUN_DIR/config.toml)")
+    cfg = load_config(config).model
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    state_dict = model.state_dict()
+    read_model_weights(step_dir, state_dict)
+    return state_dict, cfg
+
+
+def _write_init_checkpoint(state_dict: StateDict, cfg: ModelConfig, out: Path,
+                           source: Path) -> None:
+    from llamatrain.checkpoint import save_model_weights
+
+    save_model_weights({k: v.float() for k, v in state_dict.items()}, out)
+    (out / "model.toml").write_text(_model_toml(cfg))
+    if (source / "tokenizer.model").is_file():
+        (out / "tokenizer.model").write_bytes((source / "tokenizer.model").read_bytes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    dtype = torch.bfloat16
+    if "--dtype" in args:
+        i = args.index("--dtype")
+        name = args[i + 1] if i + 1 < len(args) else ""
+        dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+        if name not in dtypes:
+            raise ValueError(f"--dtype = {name!r}: expected one of {', '.join(dtypes)}")
+        dtype, args = dtypes[name], args[:i] + args[i + 2 :]
+    if len(args) != 3 or args[0] not in ("to-hf", "from-hf", "from-meta"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    command, src, out = args[0], Path(args[1]), Path(args[2])
+    if command == "to-hf":
+        state_dict, cfg = checkpoint_to_state_dict(src)
+        save_hf(state_dict, cfg, out, dtype=dtype)
+    else:
+        state_dict, cfg = load_hf(src) if command == "from-hf" else load_meta(src)
+        _write_init_checkpoint(state_dict, cfg, out, src)
+    n = sum(t.numel() for t in state_dict.values())
+    print(f"{command}: {n:,} parameters -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from llamatrain.config import run_cli
+
+    run_cli(main)

@@ -74,7 +74,7 @@ class Faults:
 
     def at_step_boundary(self, trainer: Trainer) -> None:
         if trainer.step == self.stop_step:
-            trainer.stop_requested = True
+            trainer.stop.requested = True
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         world = trainer.world
         if trainer.step == self.kill_step and first_attempt and world.rank == world.world_size - 1:
@@ -83,6 +83,25 @@ class Faults:
 
 class TooManyBadSteps(RuntimeError):
     pass
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM from the first moment of main(), so that a preemption notice that
+    arrives while data is prepared or the model built is not lost."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = "fault injection"
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+        self.reason = signal.Signals(signum).name
+        print(f"pid {os.getpid()}: got {self.reason}; saving at the next step boundary",
+              file=sys.stderr, flush=True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -132,12 +151,11 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, world: World):
+    def __init__(self, cfg: Config, world: World, stop: StopFlag | None = None):
         self.cfg, self.world = cfg, world
         self.device = world.device
         self.run_dir = Path(cfg.run.dir)
-        self.stop_requested = False
-        self.stop_reason = "fault injection"
+        self.stop = stop or StopFlag()
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
         self.global_batch, self.accum = batch_geometry(cfg.train, world.world_size)
@@ -203,14 +221,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self.stop_requested = True
-        self.stop_reason = signal.Signals(signum).name
-        print(f"rank {self.world.rank}: got {signal.Signals(signum).name}; saving at the next "
-              "step boundary", file=sys.stderr, flush=True)
-
     def _agree_to_stop(self) -> bool:
-        flag = _all_reduce(torch.tensor([float(self.stop_requested)], device=self.device),
+        flag = _all_reduce(torch.tensor([float(self.stop.requested)], device=self.device),
                            dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -312,8 +324,6 @@ class Trainer:
 
     def train(self) -> int:
         cfg = self.cfg
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
@@ -331,7 +341,7 @@ class Trainer:
                     self.save()
                 self.checkpointer.wait()
                 if self.world.is_main:
-                    marker = {"step": self.step, "reason": self.stop_reason}
+                    marker = {"step": self.step, "reason": self.stop.reason}
                     (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
                 self.log(f"stopping at step {self.step} for requeue (exit {REQUEUE_EXIT_CODE})")
                 return REQUEUE_EXIT_CODE
@@ -502,13 +512,15 @@ def _report_markdown(report: dict[str, Any], acct: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopFlag()
+    stop.install()
     path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     if path is None:
         raise ValueError("--config: required (e.g. --config configs/tiny.toml)")
     cfg = load_config(path, overrides)
     world = init_distributed()
     try:
-        return Trainer(cfg, world).train()
+        return Trainer(cfg, world, stop).train()
     except TooManyBadSteps as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return BAD_STEPS_EXIT_CODE
