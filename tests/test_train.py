@@ -111,6 +111,17 @@ def test_resume_at_another_world_size_continues_with_the_same_samples(
         assert math.isclose(resumed[step], full[step], rel_tol=1e-5), step
 
 
+def test_async_checkpoints_publish_and_resume_bit_identically(runs, prepared_data, tmp_path):
+    run_dir = tmp_path / "async"
+    args = tiny_args(prepared_data, run_dir, **{"checkpoint.async": "true"})
+    check(run_train(args, 2, env=STOP), 1)
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-6"
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    check(run_train(args, 2))
+    full = losses(runs["full2"])
+    assert all(losses(run_dir)[s] == full[s] for s in range(1, 13))
+
+
 def test_a_finished_run_exits_at_once(runs, prepared_data):
     proc = run_train(tiny_args(prepared_data, runs["full1"]))
     check(proc)

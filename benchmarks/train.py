@@ -1,0 +1,101 @@
+"""Training throughput, side by side: the trainer's tokens/s per device (and MFU) against a bare
+PyTorch loop with the same model, batch and optimizer but no data loading, metrics or FSDP.
+
+Target (issue 4): on one CPU process the trainer reaches at least 90% of the bare loop.
+`python benchmarks/train.py [--config configs/tiny.toml] [--steps 20] [--json PATH] [overrides]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llamatrain import ops
+from llamatrain.config import load_config
+from llamatrain.flops import mfu
+from llamatrain.metrics import read_metrics
+from llamatrain.model import Transformer
+from llamatrain.parallel import init_distributed
+from llamatrain.train import Trainer, batch_geometry, build_optimizer
+
+WARMUP = 3
+
+
+def bare_loop(cfg, device: torch.device, steps: int) -> list[float]:
+    """Step times of the plainest possible loop: random tokens, forward, backward, AdamW."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Transformer(cfg.model).to(device=device, dtype=dtype)
+    optimizer = build_optimizer(model, cfg.train, device)
+    global_batch, accum = batch_geometry(cfg.train, 1)
+    mbs, seq = cfg.train.micro_batch_size, cfg.train.seq_len
+    tokens = torch.randint(0, cfg.model.vocab_size, (accum, mbs, seq + 1), device=device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        for micro in tokens:
+            logits = model(micro[:, :-1])
+            loss = ops.cross_entropy(logits.flatten(0, 1), micro[:, 1:].flatten()) / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.toml")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    args, overrides = parser.parse_known_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(args.config, [*overrides, f"--run.dir={tmp}/run",
+                                        f"--train.steps={args.steps}",
+                                        f"--train.warmup_steps={min(args.steps - 1, 2)}",
+                                        "--train.eval_interval=0", "--checkpoint.interval=100000",
+                                        "--metrics.log_interval=1"])
+        world = init_distributed()
+        trainer = Trainer(cfg, world)
+        trainer.train()
+        records = [r for r in read_metrics(Path(tmp) / "run/metrics.jsonl") if "loss" in r]
+    device = world.device
+    trainer_times = [r["step_time_s"] for r in records][WARMUP:]
+    bare_times = bare_loop(cfg, device, args.steps)[WARMUP:]
+    tokens = cfg.train.global_batch_tokens
+    trainer_tps = tokens / statistics.median(trainer_times) / world.world_size
+    bare_tps = tokens / statistics.median(bare_times)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result = {
+        "device": name, "config": args.config, "params": trainer.num_params,
+        "steps": args.steps, "tokens_per_step": tokens,
+        "trainer_tokens_per_s_per_device": trainer_tps,
+        "bare_loop_tokens_per_s": bare_tps,
+        "trainer_vs_bare": trainer_tps / bare_tps,
+        "mfu": mfu(trainer_tps, cfg.model, cfg.train.seq_len, name, "bf16"),
+        "data_wait_s_median": statistics.median(r["data_wait_s"] for r in records),
+        "steps_records": [{"step": r["step"], "loss": r["loss"],
+                           "tokens_per_s": r["tokens_per_s"]} for r in records],
+    }
+    print(f"train ({name}, {trainer.num_params:,} params, {tokens} tokens/step):")
+    print(f"  trainer    {trainer_tps:12,.0f} tokens/s per device"
+          + (f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] is not None else ""))
+    print(f"  bare loop  {bare_tps:12,.0f} tokens/s")
+    print(f"  trainer / bare = {100 * result['trainer_vs_bare']:.1f}% (target >= 90%)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
