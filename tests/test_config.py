@@ -1,5 +1,6 @@
 """Config loading: TOML + overrides, and one clear line for every mistake."""
 
+import glob
 import subprocess
 import sys
 
@@ -93,3 +94,16 @@ def test_readme_configuration_reference_matches_the_dataclasses():
 
 def test_defaults_are_valid():
     assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.toml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.dim % cfg.model.n_heads == 0
+
+
+def test_sft_config_carries_section_3_1():
+    cfg = load_config("configs/llama2_7b_sft.toml")
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.epochs) == (2e-5, 0.1, 2.0)
+    assert cfg.train.global_batch_tokens // cfg.train.seq_len == 64 and cfg.train.seq_len == 4096
+    assert cfg.data.format == "sft"

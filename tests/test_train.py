@@ -206,3 +206,20 @@ def test_global_batch_must_divide_into_micro_batches_and_names_the_numbers():
     with pytest.raises(ValueError, match=r"world_size x micro_batch_size x seq_len = 3 x 1 x "
                                          r"4096 = 12288"):
         batch_geometry(cfg, 3)
+
+
+def test_sft_run_trains_on_answers_only_for_the_given_epochs(prepared_data, tmp_path):
+    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"the sum is {2 * i}."}
+            for i in range(400)]
+    source = tmp_path / "sft.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "sft"
+    proc = run_train(tiny_args(prepared_data, run_dir, **{
+        "data.format": "sft", "data.source": source, "train.epochs": 1.0,
+        "data.tokenizer": prepared_data / "tokenizer.model", "train.warmup_steps": 0}))
+    check(proc)
+    steps = int(proc.stdout.split("train.epochs = 1.0: ")[1].split()[0])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["steps"] == steps >= 2
+    first, last = losses(run_dir)[1], losses(run_dir)[steps]
+    assert last < first

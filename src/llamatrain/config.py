@@ -62,6 +62,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     steps: int = _f(480_000, "Optimizer steps to train for.")
+    epochs: float = _f(0.0, "If > 0, train for this many passes over the data (sets steps).")
     seed: int = _f(0, "Seed for weights, data order and dropout-free RNG state.")
     lr: float = _f(3e-4, "Peak learning rate.")
     min_lr_ratio: float = _f(0.1, "Cosine decay ends at this fraction of the peak (paper: 10%).")
@@ -236,7 +237,7 @@ def validate(cfg: Config) -> Config:
                 "eps", "max_bad_steps"):
         _positive(f"train.{key}", getattr(t, key))
     for key in ("warmup_steps", "weight_decay", "grad_clip", "eval_interval", "eval_batches",
-                "seed"):
+                "seed", "epochs"):
         _positive(f"train.{key}", getattr(t, key), zero_ok=True)
     if not 0 < t.beta2 < 1 or not 0 < t.beta1 < 1:
         raise ValueError(f"train.beta1/beta2 = {t.beta1}/{t.beta2}: expected values in (0, 1)")

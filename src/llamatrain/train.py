@@ -172,10 +172,10 @@ class Trainer:
                  f"{self.global_batch} x {cfg.train.seq_len} tokens, {self.accum} micro-batch(es) "
                  f"of {cfg.train.micro_batch_size} per rank; SLURM_RESTART_COUNT {restarts}, "
                  f"torchrun restarts {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+        self._setup_data()
         self.metrics = MetricsLogger(self.run_dir, cfg.metrics, enabled=world.is_main,
                                      total_steps=cfg.train.steps, run_name=cfg.run.name,
                                      config=to_dict(cfg))
-        self._setup_data()
         self._setup_model()
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank=world.rank,
                                          world_size=world.world_size)
@@ -203,6 +203,13 @@ class Trainer:
         self.train_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="train")
         self.val_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="val")
         self.sampler = GlobalSampler(num_samples=len(self.train_data), seed=cfg.train.seed)
+        if cfg.train.epochs > 0:
+            cfg.train.steps = math.ceil(cfg.train.epochs * len(self.train_data) / self.global_batch)
+            if cfg.train.warmup_steps >= cfg.train.steps:
+                raise ValueError(f"train.warmup_steps = {cfg.train.warmup_steps}: must be shorter "
+                                 f"than the {cfg.train.steps} steps of train.epochs = "
+                                 f"{cfg.train.epochs}")
+            self.log(f"train.epochs = {cfg.train.epochs}: {cfg.train.steps} steps")
         self.log(f"data {path}: {len(self.train_data):,} training and {len(self.val_data):,} "
                  f"validation sequences")
 
