@@ -343,14 +343,21 @@ class AttentionConfig:
     dq: TileConfig
 
 
-def launch_config(head_dim: int, arch: int | None) -> AttentionConfig:
-    """Tiles by head_dim and GPU generation, chosen to fit shared memory and (nearly) avoid
-    register spills in `compile_check`. The interpreter gets small, unequal tiles, so tests on
-    short sequences still cross several blocks and the diagonal in both directions."""
+def launch_config(head_dim: int, arch: int | None, dtype: torch.dtype) -> AttentionConfig:
+    """Tiles by head_dim, dtype and GPU generation, chosen to fit shared memory and (nearly)
+    avoid register spills in `compile_check`. The interpreter gets small, unequal tiles, so tests
+    on short sequences still cross several blocks and the diagonal in both directions."""
     if arch is None:
         return AttentionConfig(
             fwd=TileConfig(32, 16, 4, 1), dkdv=TileConfig(16, 32, 4, 1), dq=TileConfig(32, 16, 4, 1)
         )
+    if dtype == torch.float32:
+        # fp32 tiles take twice the shared memory and registers; fp32 is for tests, not speed.
+        warps = 8 if head_dim >= 64 else 4
+        return AttentionConfig(
+            fwd=TileConfig(64, 32, warps, 2), dkdv=TileConfig(32, 64, warps, 2),
+            dq=TileConfig(64, 32, warps, 2),
+        )  # fmt: skip
     if head_dim <= 64:
         return AttentionConfig(
             fwd=TileConfig(128, 64, 4, 3), dkdv=TileConfig(32, 128, 8 if head_dim == 64 else 4, 2),
@@ -382,7 +389,7 @@ def _forward(
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_q_heads, seq_q), dtype=torch.float32, device=q.device)
-    tile = launch_config(head_dim, _runtime.target(q.device).arch).fwd
+    tile = launch_config(head_dim, _runtime.target(q.device).arch, q.dtype).fwd
     sm_scale = 1.0 / math.sqrt(head_dim)
     _runtime.launch(
         wrap_triton(_attn_fwd_kernel), (_runtime.cdiv(seq_q, tile.block_m), batch * n_q_heads),
@@ -404,7 +411,7 @@ def _backward(
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     group_size = n_q_heads // n_kv_heads
-    config = launch_config(head_dim, _runtime.target(q.device).arch)
+    config = launch_config(head_dim, _runtime.target(q.device).arch, q.dtype)
     sm_scale = 1.0 / math.sqrt(head_dim)
     precision = _runtime.dot_precision(q.dtype)
 

@@ -122,7 +122,9 @@ def record_model_launches(shape: ModelShape, arch: int) -> list:
         attention._backward(q, q, k, k, q, lse, True)
 
         logits = _meta(b, s, shape.vocab_size)
-        cross_entropy._forward(logits, torch.empty(b, s, dtype=torch.int64, device="meta"), -100)
+        targets = torch.empty(b, s, dtype=torch.int64, device="meta")
+        cross_entropy._forward(logits, targets, -100, True)
+        cross_entropy._forward(logits, targets, -100, False)  # evaluation: the loss alone
     return launches
 
 

@@ -21,7 +21,7 @@ from . import _runtime
 def _cross_entropy_fwd_kernel(
     LOGITS, TARGETS, INV_COUNT, LOSS, DLOGITS,
     stride_logits, stride_dlogits, n_cols, ignore_index,
-    BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     logits = LOGITS + row * stride_logits
@@ -29,10 +29,11 @@ def _cross_entropy_fwd_kernel(
     target = tl.load(TARGETS + row)
     offs = tl.arange(0, BLOCK_V)
     if target == ignore_index:
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + offs
-            tl.store(dlogits + cols, tl.zeros((BLOCK_V,), dtype=tl.float32).to(
-                DLOGITS.dtype.element_ty), mask=cols < n_cols)  # fmt: skip
+        if COMPUTE_GRAD:
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + offs
+                zeros = tl.zeros((BLOCK_V,), dtype=tl.float32).to(DLOGITS.dtype.element_ty)
+                tl.store(dlogits + cols, zeros, mask=cols < n_cols)
         tl.store(LOSS + row, 0.0)
     else:
         m = float("-inf")
@@ -46,13 +47,15 @@ def _cross_entropy_fwd_kernel(
         lse = m + tl.log(s)
         x_target = tl.load(logits + target).to(tl.float32)
         tl.store(LOSS + row, lse - x_target)
-        inv_count = tl.load(INV_COUNT)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + offs
-            mask = cols < n_cols
-            x = tl.load(logits + cols, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
-            tl.store(dlogits + cols, (grad * inv_count).to(DLOGITS.dtype.element_ty), mask=mask)
+        if COMPUTE_GRAD:
+            inv_count = tl.load(INV_COUNT)
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + offs
+                mask = cols < n_cols
+                x = tl.load(logits + cols, mask=mask, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+                tl.store(dlogits + cols, (grad * inv_count).to(DLOGITS.dtype.element_ty),
+                         mask=mask)  # fmt: skip
 
 
 def launch_config(n_cols: int) -> tuple[int, int]:
@@ -62,37 +65,41 @@ def launch_config(n_cols: int) -> tuple[int, int]:
 
 
 def _forward(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, compute_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, dlogits): the mean loss and its gradient with respect to the logits."""
+    """(loss, dlogits): the mean loss and its gradient with respect to the logits (an empty
+    tensor unless `compute_grad`: evaluation pays for one pass over the logits, not two)."""
     logits2 = _runtime.as_rows(logits)
     targets1 = targets.reshape(-1).contiguous()
     n_rows, n_cols = logits2.shape
     count = (targets1 != ignore_index).sum().clamp(min=1).to(torch.float32)
     inv_count = count.reciprocal().reshape(1)
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_shape = logits.shape if compute_grad else (0,)
+    dlogits = torch.empty(grad_shape, dtype=logits.dtype, device=logits.device)
     block, warps = launch_config(n_cols)
     _runtime.launch(
         wrap_triton(_cross_entropy_fwd_kernel), (n_rows,),
         logits2, targets1, inv_count, losses, dlogits,
         logits2.stride(0), n_cols, n_cols, ignore_index,
-        BLOCK_V=block, num_warps=warps, num_stages=2,
+        COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=warps, num_stages=2,
     )  # fmt: skip
     return losses.sum() / count, dlogits
 
 
 @triton_op("llamatrain::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, compute_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(logits, targets, ignore_index)
+    return _forward(logits, targets, ignore_index, compute_grad)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index):  # type: ignore[override]
-        loss, dlogits = torch.ops.llamatrain.cross_entropy_fwd(logits, targets, ignore_index)
+    def forward(ctx, logits, targets, ignore_index, compute_grad):  # type: ignore[override]
+        loss, dlogits = torch.ops.llamatrain.cross_entropy_fwd(
+            logits, targets, ignore_index, compute_grad
+        )
         ctx.save_for_backward(dlogits)
         return loss
 
@@ -101,7 +108,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         (dlogits,) = ctx.saved_tensors
         # Scaled in place: the buffer is this graph's own and read by nothing else. A second
         # backward through the graph fails on the version check instead of reading it twice.
-        return dlogits.mul_(dloss.to(dlogits.dtype)), None, None
+        return dlogits.mul_(dloss.to(dlogits.dtype)), None, None, None
 
 
 def cross_entropy(
@@ -115,4 +122,5 @@ def cross_entropy(
         )
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"cross_entropy: targets dtype {targets.dtype} must be int64 or int32")
-    return CrossEntropyFunction.apply(logits, targets, int(ignore_index))
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    return CrossEntropyFunction.apply(logits, targets, int(ignore_index), compute_grad)

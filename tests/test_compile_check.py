@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llamatrain.kernels import AOT_ENV, compile_check
 
@@ -64,7 +65,7 @@ def test_recorded_launches_carry_the_configs_the_launch_code_uses_on_that_gpu():
     for launch in launches:
         by_kernel.setdefault(launch.kernel.__name__, []).append(launch)
     assert set(by_kernel) == KERNELS
-    tiles = attention_module.launch_config(128, 90)
+    tiles = attention_module.launch_config(128, 90, torch.bfloat16)
     (fwd,) = by_kernel["_attn_fwd_kernel"]
     assert (fwd.args["BLOCK_M"], fwd.args["BLOCK_N"], fwd.args["HEAD_DIM"]) == (
         tiles.fwd.block_m, tiles.fwd.block_n, 128
@@ -82,13 +83,13 @@ def test_recorded_launches_carry_the_configs_the_launch_code_uses_on_that_gpu():
 
 
 def test_kernel_over_the_chips_shared_memory_fails_the_check(triton_env):
-    # Attention tiles of 64 x 256 in 4 stages hold K and V tiles far beyond sm_80's 163 KB.
+    # 512-key tiles of K and V, 128 KB each in bf16, cannot fit in sm_80's 163 KB.
     script = """
 import importlib
 from llamatrain.kernels import compile_check as cc
 att = importlib.import_module("llamatrain.kernels.attention")
-big = att.TileConfig(64, 256, 4, 4)
-att.launch_config = lambda head_dim, arch: att.AttentionConfig(big, big, big)
+big = att.TileConfig(16, 512, 4, 2)
+att.launch_config = lambda head_dim, arch, dtype: att.AttentionConfig(big, big, big)
 launch = next(l for l in cc.record_model_launches(cc.SHAPES[0], 80)
               if l.kernel.__name__ == "_attn_fwd_kernel")
 result = cc.compile_launch(launch, 80)

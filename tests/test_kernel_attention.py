@@ -65,7 +65,12 @@ def test_attention_with_each_gpu_launch_config(arch, head_dim, monkeypatch):
     # The interpreter runs the tiles the GPUs use (128-row blocks), so their causal and tail
     # logic is tested here too, not only the interpreter's small tiles.
     monkeypatch.setattr(runtime, "target", lambda device: runtime.Target(arch, 4))
-    assert attention_module.launch_config(head_dim, arch).fwd.block_m == 128
+    assert attention_module.launch_config(head_dim, arch, torch.bfloat16).fwd.block_m == 128
+    # The bf16 tiles, for fp32 inputs: the interpreter computes them alike.
+    monkeypatch.setattr(
+        attention_module, "launch_config",
+        lambda hd, a, dtype, config=attention_module.launch_config: config(hd, a, torch.bfloat16),
+    )  # fmt: skip
     check(*qkv(1, 150, 150, 4, 2, head_dim), causal=True)
 
 

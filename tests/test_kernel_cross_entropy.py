@@ -55,6 +55,16 @@ def test_cross_entropy_gradient_scales_with_upstream_gradient():
     torch.testing.assert_close(x2.grad, 2.5 * x1.grad)
 
 
+def test_cross_entropy_without_grad_gives_the_same_loss():
+    logits = randn(2, 37, 5003, scale=4.0)
+    targets = targets_with_ignored((2, 37), 5003, 7)
+    with torch.no_grad():
+        evaluated = kernels.cross_entropy(logits, targets)
+    trained = kernels.cross_entropy(logits.clone().requires_grad_(True), targets)
+    assert evaluated.item() == trained.item()
+    torch.testing.assert_close(evaluated, ops.cross_entropy_ref(logits, targets))
+
+
 def test_cross_entropy_of_vocab_slice_of_wider_logits():
     wide = randn(2, 37, 700, scale=3.0)
     logits = wide[..., :613]  # rows strided by 700
