@@ -68,14 +68,17 @@ def check_against_reference(
     inputs: Sequence[torch.Tensor],
     dtype: torch.dtype,
     bwd_tolerance: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> None:
     """The kernel on `inputs` matches the reference run on their fp32 upcasts, forward and
-    backward, within TOLERANCE[dtype] (bwd_tolerance for the gradients, when given)."""
+    backward, within TOLERANCE[dtype] (bwd_tolerance for the gradients, when given). Outputs
+    are in `dtype` (or `out_dtype`), gradients in their input's dtype."""
     outs, grads = forward_backward(kernel, inputs)
     ref_outs, ref_grads = forward_backward(reference, [x.float() for x in inputs])
     tol = TOLERANCE[dtype]
     for i, (a, e) in enumerate(zip(outs, ref_outs, strict=True)):
-        assert a.dtype == dtype, f"output {i}: dtype {a.dtype} != {dtype}"
+        expected_dtype = out_dtype or dtype
+        assert a.dtype == expected_dtype, f"output {i}: dtype {a.dtype} != {expected_dtype}"
         assert_close(a, e, tol, f"output {i}")
     for i, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
         assert a.dtype == dtype, f"grad {i}: dtype {a.dtype} != {dtype}"
