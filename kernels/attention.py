@@ -377,17 +377,22 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """t as a kernel reads it: unit stride in head_dim; fp32 in the interpreter, whose tl.dot
+    has no bf16/fp16 arithmetic (the outputs are still stored in the inputs' dtype)."""
+    if _runtime.INTERPRETED and t.dtype != torch.float32:
+        return t.float()
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    dtype = q.dtype
+    q, k, v = _operand(q), _operand(k), _operand(v)
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
     lse = torch.empty((batch, n_q_heads, seq_q), dtype=torch.float32, device=q.device)
     tile = launch_config(head_dim, _runtime.target(q.device).arch, q.dtype).fwd
     sm_scale = 1.0 / math.sqrt(head_dim)
@@ -407,7 +412,8 @@ def _backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    q_dtype, kv_dtype = q.dtype, k.dtype
+    do, q, k, v = _operand(do), _operand(q), _operand(k), _operand(v)
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     group_size = n_q_heads // n_kv_heads
@@ -423,8 +429,8 @@ def _backward(
         HEAD_DIM=head_dim, BLOCK_M=block, num_warps=4,
     )  # fmt: skip
 
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dk = torch.empty(k.shape, dtype=kv_dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=kv_dtype, device=v.device)
     tile = config.dkdv
     _runtime.launch(
         wrap_triton(_attn_bwd_dkdv_kernel),
@@ -436,7 +442,7 @@ def _backward(
         DOT_PRECISION=precision, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
 
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = torch.empty(q.shape, dtype=q_dtype, device=q.device)
     tile = config.dq
     _runtime.launch(
         wrap_triton(_attn_bwd_dq_kernel), (_runtime.cdiv(seq_q, tile.block_m), batch * n_q_heads),

@@ -47,6 +47,12 @@ def test_attention_matches_reference(batch, seq, n_heads, n_kv_heads, head_dim, 
     check(*qkv(batch, seq, seq, n_heads, n_kv_heads, head_dim, dtype), causal, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_attention_in_half_precision_stores_that_dtype_and_matches_reference(dtype):
+    # On the CPU the interpreter computes these in fp32 (its tl.dot has no 16-bit arithmetic).
+    check(*qkv(1, 40, 40, 4, 2, 32, dtype), causal=True, dtype=dtype)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_attention_with_fewer_queries_than_keys_aligns_causal_mask_bottom_right(causal):
     # 20 new queries attending to 45 keys: query i sees keys up to i + 25 when causal.
