@@ -381,7 +381,7 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
     """t as a kernel reads it: unit stride in head_dim; fp32 in the interpreter, whose tl.dot
     has no bf16/fp16 arithmetic (the outputs are still stored in the inputs' dtype)."""
     if _runtime.INTERPRETED and t.dtype != torch.float32:
-        return t.float()
+        t = t.float()
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
