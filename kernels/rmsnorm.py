@@ -111,7 +111,7 @@ def _backward(
     n_rows, n_cols = h.shape
     dy2 = _runtime.as_rows(dy)
     dh2 = _runtime.as_rows(dh) if dh is not None else dy2
-    dx = torch.empty_like(h)
+    dx = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
     block, warps = launch_config(n_cols)
     programs = max(1, min(n_rows, 4 * _runtime.target(h.device).num_sms))
     rows_per_program = _runtime.cdiv(n_rows, programs)
