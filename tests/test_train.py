@@ -223,3 +223,29 @@ def test_sft_run_trains_on_answers_only_for_the_given_epochs(prepared_data, tmp_
     assert report["steps"] == steps >= 2
     first, last = losses(run_dir)[1], losses(run_dir)[steps]
     assert last < first
+
+
+@pytest.mark.parametrize(("name", "overrides", "exact"), [
+    ("full-ac", {"parallel.activation_checkpointing": "full"}, True),
+    ("selective-ac-compiled", {"parallel.activation_checkpointing": "selective",
+                               "parallel.compile": "true"}, False),
+])
+def test_activation_checkpointing_and_compile_keep_the_losses(runs, prepared_data, tmp_path, name,
+                                                              overrides, exact):
+    run_dir = tmp_path / name
+    check(run_train(tiny_args(prepared_data, run_dir, **{"train.steps": 12, **overrides})))
+    full = losses(runs["full1"])
+    for step, loss in losses(run_dir).items():
+        assert loss == full[step] if exact else math.isclose(loss, full[step], rel_tol=1e-4)
+
+
+def test_missing_optional_packages_are_one_clear_line(prepared_data, tmp_path):
+    proc = run_train(tiny_args(prepared_data, tmp_path / "x", **{"train.optimizer":
+                                                                 "apex_fused_adam"}))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: train.optimizer = 'apex_fused_adam': NVIDIA apex is not importable")
+    proc = run_train(tiny_args(prepared_data, tmp_path / "y", **{"metrics.wandb": "true"}))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: metrics.wandb = true: wandb is not installed (pip install 'llamatrain[wandb]')")
