@@ -377,10 +377,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _operand(t: torch.Tensor) -> torch.Tensor:
-    """t as a kernel reads it: unit stride in head_dim; fp32 in the interpreter, whose tl.dot
-    has no bf16/fp16 arithmetic (the outputs are still stored in the inputs' dtype)."""
-    if _runtime.INTERPRETED and t.dtype != torch.float32:
+def _operand(t: torch.Tensor, arch: int | None) -> torch.Tensor:
+    """t as a kernel reads it: unit stride in head_dim; fp32 in the interpreter (arch None),
+    whose tl.dot has no bf16/fp16 arithmetic (outputs are still stored in the inputs' dtype)."""
+    if arch is None and t.dtype != torch.float32:
         t = t.float()
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -388,13 +388,13 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = q.dtype
-    q, k, v = _operand(q), _operand(k), _operand(v)
+    dtype, arch = q.dtype, _runtime.target(q.device).arch
+    q, k, v = _operand(q, arch), _operand(k, arch), _operand(v, arch)
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     lse = torch.empty((batch, n_q_heads, seq_q), dtype=torch.float32, device=q.device)
-    tile = launch_config(head_dim, _runtime.target(q.device).arch, q.dtype).fwd
+    tile = launch_config(head_dim, arch, q.dtype).fwd
     sm_scale = 1.0 / math.sqrt(head_dim)
     _runtime.launch(
         wrap_triton(_attn_fwd_kernel), (_runtime.cdiv(seq_q, tile.block_m), batch * n_q_heads),
@@ -412,12 +412,12 @@ def _backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q_dtype, kv_dtype = q.dtype, k.dtype
-    do, q, k, v = _operand(do), _operand(q), _operand(k), _operand(v)
+    q_dtype, kv_dtype, arch = q.dtype, k.dtype, _runtime.target(q.device).arch
+    do, q, k, v = (_operand(t, arch) for t in (do, q, k, v))
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     group_size = n_q_heads // n_kv_heads
-    config = launch_config(head_dim, _runtime.target(q.device).arch, q.dtype)
+    config = launch_config(head_dim, arch, q.dtype)
     sm_scale = 1.0 / math.sqrt(head_dim)
     precision = _runtime.dot_precision(q.dtype)
 
