@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and other tests' imports (transformers,
+# torch.compile) may import it before the kernel tests do: on a CPU, turn the interpreter on first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
