@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,8 +54,26 @@ def init_distributed() -> World:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, store=_attempt_store(rank, world_size), rank=rank,
+                                world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
     return World(rank, world_size, local_rank, local_world_size, device)
+
+
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store, under a prefix of its own for each torchrun restart.
+
+    After `torchrun --max-restarts` restarts the workers, the new processes could read the
+    previous attempt's gloo addresses from the agent's store and hang connecting to dead peers;
+    a per-attempt prefix keeps every attempt's keys apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=10),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"llamatrain/attempt-{attempt}", store)
 
 
 def mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:

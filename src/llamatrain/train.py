@@ -527,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(path, overrides)
     world = init_distributed()
     try:
-        return Trainer(cfg, world, stop).train()
+        code = Trainer(cfg, world, stop).train()
+        if dist.is_initialized():
+            dist.barrier()  # leave together: a rank tearing down alone can abort its peers
+        return code
     except TooManyBadSteps as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return BAD_STEPS_EXIT_CODE
