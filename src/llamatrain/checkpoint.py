@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
 from llamatrain.config import CheckpointConfig
 
 TRAINER_STATE = "trainer.json"
+# A world of one saves and loads without a process group, which is what DCP warns about.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -73,13 +77,26 @@ class Restored:
 
 
 class Checkpointer:
-    """Saves and restores model, optimizer and trainer state for every rank of a run."""
+    """Saves and restores model, optimizer and trainer state for every rank of a run.
+
+    With `checkpoint.async`, `save` returns once the save is planned; the state is copied in the
+    background while the next step computes, `before_update` waits for that copy before the
+    optimizer changes the state, and the files are written and published behind the loop."""
 
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, rank: int, world_size: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self._pending: tuple[Future, Path, Path] | None = None
+        self._staging: Future | None = None
+        self._stager: DefaultStager | None = None
+        if cfg.async_save:
+            # Copies into staging buffers run in a background thread, overlapping the next step's
+            # forward and backward; only the optimizer update waits for them (before_update).
+            on_gpu = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=True,
+                use_non_blocking_copy=on_gpu))
         # Background saves talk on their own gloo group so they never interleave with the
         # training loop's collectives.
         self._group = (
@@ -117,13 +134,31 @@ class Checkpointer:
             state = dict(trainer_state, saved_world_size=self.world_size, time=time.time())
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
         app_state = self._app_state(model, optimizer)
-        if self.cfg.async_save:
-            future = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._group)
-            self._pending = (future, tmp, final)
+        if self._stager is not None:
+            response = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._group,
+                                      async_stager=self._stager,
+                                      no_dist=not dist.is_initialized())
+            self._staging = response.staging_completion
+            self._pending = (response.upload_completion, tmp, final)
         else:
             dcp.save(app_state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             self._publish(tmp, final)
         return time.perf_counter() - start
+
+    def before_update(self) -> float:
+        """Wait until a background save has copied the state it saves (call before every
+        optimizer step, which changes that state); returns the seconds waited."""
+        if self._staging is None:
+            return 0.0
+        start = time.perf_counter()
+        self._staging.result()
+        self._staging = None
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
 
     def poll(self) -> None:
         """Publish a finished background save (call once per step)."""
@@ -136,6 +171,7 @@ class Checkpointer:
             return
         future, tmp, final = self._pending
         self._pending = None
+        self.before_update()
         future.result()
         self._publish(tmp, final, collective=False)
 

@@ -161,6 +161,7 @@ class Trainer:
         self.global_batch, self.accum = batch_geometry(cfg.train, world.world_size)
         self.backend = ops.set_backend(cfg.kernels.backend, self.device.type)
         self.faults = Faults.from_env()
+        self.staging_wait_s = 0.0  # time the loop waited for async checkpoint staging
         self.state_bytes: dict[str, int] = {}
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
@@ -346,7 +347,7 @@ class Trainer:
             if self._agree_to_stop():
                 if self.last_saved != self.step:
                     self.save()
-                self.checkpointer.wait()
+                self.checkpointer.close()
                 if self.world.is_main:
                     marker = {"step": self.step, "reason": self.stop.reason}
                     (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
@@ -359,6 +360,7 @@ class Trainer:
             micro, data_wait = self._micro_batches()
             loss, grad_norm = self.train_step(micro)
             if math.isfinite(loss) and math.isfinite(grad_norm):
+                self.staging_wait_s += self.checkpointer.before_update()
                 self.optimizer.step()
                 self.bad_steps = 0
                 if not self.state_bytes:
@@ -391,7 +393,7 @@ class Trainer:
                 self.save()
         if cfg.train.eval_interval == 0 or self.step % cfg.train.eval_interval:
             self._log_eval()
-        self.checkpointer.wait()
+        self.checkpointer.close()
         if profiler is not None:
             profiler.stop()
         self.report()
@@ -471,6 +473,7 @@ class Trainer:
             "mfu": model_flops_utilisation(per_device, cfg.model, cfg.train.seq_len,
                                            self.device_name, "bf16"),
             "device_hours": world.world_size * self.wall_s / 3600,
+            "checkpoint_staging_wait_s": self.staging_wait_s,
             "state_bytes_per_rank": self.state_bytes, **acct,
         }
         records = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if "loss" in r]
