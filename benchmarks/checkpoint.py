@@ -4,7 +4,7 @@ itself plus the wait for staging before the next optimizer update, with one forw
 of the model in between, as in the training loop).
 
 Targets (issue 4): save >= 70% of raw write speed; async blocks <= 10% of a synchronous save.
-`python benchmarks/checkpoint.py [--dim 512] [--layers 4] [--vocab 16000] [--dir DIR] [--json P]`
+`python benchmarks/checkpoint.py [--dim 1024] [--layers 4] [--vocab 32000] [--dir DIR] [--json P]`
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def dir_bytes(path: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp "
                         "dir under the current directory, i.e. the disk checkpoints go to)")
     parser.add_argument("--json", type=Path)
