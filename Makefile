@@ -32,6 +32,7 @@ test: setup system-deps
 
 test-gpu:
 	LLAMATRAIN_TEST_DEVICE=cuda PYTHONPATH=src $(GPU_PY) -m pytest -q tests/test_kernel_*.py
+	PYTHONPATH=src $(GPU_PY) benchmarks/kernels.py --first-timing
 
 lint: setup
 	$(VENV)/bin/ruff check src kernels tests benchmarks

@@ -453,12 +453,21 @@ def _line(row: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    # `make test-gpu` takes a first timing with `--first-timing` (7B shapes, Triton against torch
+    # eager, one minute at most); `make bench` runs the whole table through run.py.
+    import argparse
+
     import limits as limits_mod  # this folder is sys.path[0] when run as a script
 
     from llamatrain.config import load_config
 
+    parser = argparse.ArgumentParser(description="kernel benchmark (CUDA)")
+    parser.add_argument("--first-timing", action="store_true")
+    args = parser.parse_args()
     dev = torch.device("cuda")
-    paper = [Shape.of(n, load_config(f"configs/llama2_{n}.toml").model, 4096)
-             for n in ("7b", "70b")]
+    sizes = ("7b",) if args.first_timing else ("7b", "70b")
+    paper = [Shape.of(n, load_config(f"configs/llama2_{n}.toml").model, 4096) for n in sizes]
     run(paper, dev, timer=lambda fn, **kw: limits_mod.median_ms(fn, dev, **kw),
-        limits=limits_mod.measure(dev))
+        limits=limits_mod.measure(dev),
+        providers=("llamatrain", "torch") if args.first_timing else None,
+        budget_s=60.0 if args.first_timing else 240.0)
