@@ -34,31 +34,29 @@ def _rotary_kernel(
     cos = tl.load(COS + pos * stride_cos + half, mask=half_mask, other=1.0).to(tl.float32)
     sin = tl.load(SIN + pos * stride_sin + half, mask=half_mask, other=0.0).to(tl.float32)
     sin = sin * SIGN
+
+    # The outputs are contiguous (batch, seq, heads, head_dim).
+    _rotate_heads(Q + b * stride_qb + s * stride_qs, stride_qh,
+                  QO + (b * seq_len + s) * n_q_heads * head_dim, n_q_heads, head_dim, cos, sin,
+                  BLOCK_HQ, BLOCK_D)
+    _rotate_heads(K + b * stride_kb + s * stride_ks, stride_kh,
+                  KO + (b * seq_len + s) * n_kv_heads * head_dim, n_kv_heads, head_dim, cos, sin,
+                  BLOCK_HK, BLOCK_D)
+
+
+@triton.jit
+def _rotate_heads(
+    X, stride_xh, XO, n_heads, head_dim, cos, sin,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Rotate the adjacent pairs of one token's n_heads heads (X: its first element)."""
     d = tl.arange(0, BLOCK_D)
-
-    # q heads; the outputs are contiguous (batch, seq, heads, head_dim).
-    h = tl.arange(0, BLOCK_HQ)
-    mask = (h[:, None] < n_q_heads) & (d[None, :] < head_dim)
-    ptrs = Q + b * stride_qb + s * stride_qs + h[:, None] * stride_qh + d[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    x0, x1 = tl.split(tl.reshape(x, (BLOCK_HQ, BLOCK_D // 2, 2)))
-    out = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_HQ, BLOCK_D))
-    base = (b * seq_len + s) * n_q_heads * head_dim
-    tl.store(
-        QO + base + h[:, None] * head_dim + d[None, :], out.to(QO.dtype.element_ty), mask=mask
-    )
-
-    # kv heads
-    h = tl.arange(0, BLOCK_HK)
-    mask = (h[:, None] < n_kv_heads) & (d[None, :] < head_dim)
-    ptrs = K + b * stride_kb + s * stride_ks + h[:, None] * stride_kh + d[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    x0, x1 = tl.split(tl.reshape(x, (BLOCK_HK, BLOCK_D // 2, 2)))
-    out = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_HK, BLOCK_D))
-    base = (b * seq_len + s) * n_kv_heads * head_dim
-    tl.store(
-        KO + base + h[:, None] * head_dim + d[None, :], out.to(KO.dtype.element_ty), mask=mask
-    )
+    h = tl.arange(0, BLOCK_H)
+    mask = (h[:, None] < n_heads) & (d[None, :] < head_dim)
+    x = tl.load(X + h[:, None] * stride_xh + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x0, x1 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_D // 2, 2)))
+    out = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_H, BLOCK_D))
+    tl.store(XO + h[:, None] * head_dim + d[None, :], out.to(XO.dtype.element_ty), mask=mask)
 
 
 def launch_config(n_q_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
