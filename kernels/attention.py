@@ -28,6 +28,20 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
+def _load_kv(k_base, v_base, stride_ks, stride_vs, cols, offs_d, seq_k, MASKED: tl.constexpr):
+    """The K and V rows `cols` of one kv head; rows past seq_k read as zeros when MASKED."""
+    if MASKED:
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                    mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                    mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
+    else:
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
     offs_m, lo, hi, seq_k, diag, qk_scale,
@@ -39,14 +53,7 @@ def _fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if MASKED:
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                        mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
-                        mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
-        else:
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+        k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, cols, offs_d, seq_k, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = cols[None, :] < seq_k
@@ -249,14 +256,7 @@ def _bwd_dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if MASKED:
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                        mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
-                        mask=cols[:, None] < seq_k, other=0.0)  # fmt: skip
-        else:
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+        k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, cols, offs_d, seq_k, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
