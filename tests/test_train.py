@@ -249,3 +249,14 @@ def test_missing_optional_packages_are_one_clear_line(prepared_data, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: metrics.wandb = true: wandb is not installed (pip install 'llamatrain[wandb]')")
+
+
+def test_profile_steps_record_a_trace_that_perfetto_opens(prepared_data, tmp_path):
+    run_dir = tmp_path / "prof"
+    proc = run_train(tiny_args(prepared_data, run_dir, **{"train.steps": 6,
+                                                          "metrics.profile_steps": 2}))
+    check(proc)
+    trace = run_dir / "profile/trace-rank0.json"
+    assert f"profiler trace: {trace}" in proc.stdout
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("aten::mm" in e.get("name", "") for e in events)
