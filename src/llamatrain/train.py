@@ -33,7 +33,7 @@ from llamatrain.checkpoint import Checkpointer, load_model_weights
 from llamatrain.config import Config, TrainConfig, load_config, run_cli, split_cli, to_dict, to_toml
 from llamatrain.data import GlobalSampler, load_dataset, prepare_source
 from llamatrain.flops import mfu as model_flops_utilisation
-from llamatrain.metrics import MetricsLogger, memory_gb, plot_loss
+from llamatrain.metrics import MetricsLogger, memory_gb, plot_loss, read_metrics
 from llamatrain.model import Transformer, num_params
 from llamatrain.parallel import (
     World,
@@ -476,13 +476,12 @@ class Trainer:
             "checkpoint_staging_wait_s": self.staging_wait_s,
             "state_bytes_per_rank": self.state_bytes, **acct,
         }
-        records = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if "loss" in r]
-        if records:
-            report["final_loss"] = records[-1]["loss"]
-        vals = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if "val_loss" in r]
-        if vals:
-            report["final_val_loss"] = vals[-1]["val_loss"]
         if world.is_main:
+            records = read_metrics(self.run_dir / "metrics.jsonl")
+            for key in ("loss", "val_loss"):
+                values = [r[key] for r in records if key in r]
+                if values:
+                    report[f"final_{key}"] = values[-1]
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (self.run_dir / "report.md").write_text(_report_markdown(report, acct))
             plot = plot_loss(self.run_dir)
@@ -502,12 +501,6 @@ class _Window:
         self.steps += 1
         self.time += step_time
         self.data_wait += data_wait
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _report_markdown(report: dict[str, Any], acct: dict[str, Any]) -> str:
