@@ -107,3 +107,11 @@ def test_sft_config_carries_section_3_1():
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.epochs) == (2e-5, 0.1, 2.0)
     assert cfg.train.global_batch_tokens // cfg.train.seq_len == 64 and cfg.train.seq_len == 4096
     assert cfg.data.format == "sft"
+
+
+def test_train_help_lists_every_key_with_its_default_and_exits_zero():
+    proc = subprocess.run([sys.executable, "-m", "llamatrain.train", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "--model.n_kv_heads" in proc.stdout and "(default 32)" in proc.stdout
+    assert "75 (REQUEUE_EXIT_CODE)" in proc.stdout

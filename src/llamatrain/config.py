@@ -344,6 +344,20 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def usage(prog: str) -> str:
+    """`--help` of an entry point: the command line and every key with its default and meaning."""
+    lines = [f"usage: {prog} --config CONFIG [--section.key=value ...]", "",
+             "Every key of the config file can be overridden on the command line:"]
+    defaults = to_dict(Config())
+    for section, cls in SECTIONS.items():
+        lines.append(f"\n  [{section}]")
+        for key, f in _keys(cls).items():
+            name = f"--{section}.{key}"
+            lines.append(f"    {name:<34} {f.metadata['help']} "
+                         f"(default {defaults[section][key]!r})")
+    return "\n".join(lines)
+
+
 def split_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """`--config PATH` (or `--config=PATH`) and the `--section.key=value` overrides of a CLI."""
     path: str | None = None

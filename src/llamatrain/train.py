@@ -30,7 +30,16 @@ import torch.distributed as dist
 from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
 from llamatrain.checkpoint import Checkpointer, load_model_weights
-from llamatrain.config import Config, TrainConfig, load_config, run_cli, split_cli, to_dict, to_toml
+from llamatrain.config import (
+    Config,
+    TrainConfig,
+    load_config,
+    run_cli,
+    split_cli,
+    to_dict,
+    to_toml,
+    usage,
+)
 from llamatrain.data import GlobalSampler, load_dataset, prepare_source
 from llamatrain.flops import mfu as model_flops_utilisation
 from llamatrain.metrics import MetricsLogger, memory_gb, plot_loss, read_metrics
@@ -517,7 +526,11 @@ def _report_markdown(report: dict[str, Any], acct: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
-    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(usage("python -m llamatrain.train") + "\n\n" + __doc__.split("\n\n", 1)[1])
+        return 0
+    path, overrides = split_cli(argv)
     if path is None:
         raise ValueError("--config: required (e.g. --config configs/tiny.toml)")
     cfg = load_config(path, overrides)
