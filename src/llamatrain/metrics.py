@@ -60,13 +60,10 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start = time.perf_counter()
-        self._wandb = self._tb = None
-        if cfg.wandb:
-            self._wandb = _require("wandb", "metrics.wandb")
-        if cfg.tensorboard:
-            tb = _require("torch.utils.tensorboard", "metrics.tensorboard")
-            if enabled:
-                self._tb = tb.SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self._wandb, tb = require_optional(cfg)
+        self._tb = None
+        if tb is not None and enabled:
+            self._tb = tb.SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if enabled and self._wandb is not None:
             self._wandb.init(project="llamatrain", name=run_name, config=config,
                              dir=str(run_dir), resume="allow")
@@ -108,6 +105,14 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None and self.enabled:
             self._wandb.finish()
+
+
+def require_optional(cfg: MetricsConfig):
+    """(wandb, torch.utils.tensorboard) modules as asked for, else None; one that is asked for and
+    not installed is a ValueError, raised by the trainer before it does anything else."""
+    wandb = _require("wandb", "metrics.wandb") if cfg.wandb else None
+    tb = _require("torch.utils.tensorboard", "metrics.tensorboard") if cfg.tensorboard else None
+    return wandb, tb
 
 
 def _require(module: str, key: str):

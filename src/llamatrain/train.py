@@ -42,7 +42,13 @@ from llamatrain.config import (
 )
 from llamatrain.data import GlobalSampler, load_dataset, prepare_source
 from llamatrain.flops import mfu as model_flops_utilisation
-from llamatrain.metrics import MetricsLogger, memory_gb, plot_loss, read_metrics
+from llamatrain.metrics import (
+    MetricsLogger,
+    memory_gb,
+    plot_loss,
+    read_metrics,
+    require_optional,
+)
 from llamatrain.model import Transformer, num_params
 from llamatrain.parallel import (
     World,
@@ -135,6 +141,15 @@ def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return cfg.global_batch_tokens // cfg.seq_len, cfg.global_batch_tokens // per_pass
 
 
+def _fused_adam():
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError:
+        raise ValueError("train.optimizer = 'apex_fused_adam': NVIDIA apex is not importable "
+                         "(build it from github.com/NVIDIA/apex, or use 'adamw')") from None
+    return FusedAdam
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     """AdamW with weight decay on the 2-D weight matrices (linear layers and embeddings) only;
     RMSNorm gains are not decayed."""
@@ -144,12 +159,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.optimizer == "apex_fused_adam":
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            raise ValueError("train.optimizer = 'apex_fused_adam': NVIDIA apex is not importable "
-                             "(build it from github.com/NVIDIA/apex, or use 'adamw')") from None
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        return _fused_adam()(groups, adam_w_mode=True, **kwargs)
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
 
 
@@ -161,6 +171,10 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: Config, world: World, stop: StopFlag | None = None):
+        # Optional packages asked for and missing: one line now, not after data and model.
+        require_optional(cfg.metrics)
+        if cfg.train.optimizer == "apex_fused_adam":
+            _fused_adam()
         self.cfg, self.world = cfg, world
         self.device = world.device
         self.run_dir = Path(cfg.run.dir)
