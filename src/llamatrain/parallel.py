@@ -52,12 +52,21 @@ def init_distributed() -> World:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=_attempt_store(rank, world_size), rank=rank,
                                 world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
+    elif world_size == 1 and device.type == "cuda":
+        # One GPU without torchrun still trains through FSDP2 (for its mixed precision), whose
+        # device mesh needs a process group: a group of one, with an in-memory store.
+        init_single_process_group(backend)
     return World(rank, world_size, local_rank, local_world_size, device)
+
+
+def init_single_process_group(backend: str) -> None:
+    if not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _attempt_store(rank: int, world_size: int) -> dist.Store:

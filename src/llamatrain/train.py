@@ -260,7 +260,8 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "sampler": self.sampler.state_dict(), "schedule": {"step": self.step},
-                "bad_steps": self.bad_steps, "wall_s": self.wall_s, "energy_kwh": self.energy_kwh}
+                "bad_steps": self.bad_steps, "wall_s": self.wall_s,
+                "energy_kwh": self._energy_so_far()}
 
     def save(self) -> None:
         blocked = self.checkpointer.save(self.step, self.model, self.optimizer,
@@ -282,7 +283,7 @@ class Trainer:
         state = restored.trainer
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.bad_steps, self.wall_s = state["bad_steps"], state["wall_s"]
-        self.energy_kwh = state.get("energy_kwh", 0.0)
+        self.energy_kwh = state.get("energy_kwh") or 0.0
         self.sampler.load_state_dict(state["sampler"])
         self.last_saved = self.step
         self.metrics.truncate_after(self.step)
@@ -455,10 +456,13 @@ class Trainer:
                                 "val_loss": val})
 
     def _energy_so_far(self) -> float | None:
+        """kWh measured by NVML on every device over the whole run (earlier attempts included),
+        or None when any device cannot measure. Every rank must call it: it is a collective."""
         measured = self.energy.kwh()
-        if measured is None:
-            return None
-        return self.energy_kwh + _all_reduce(torch.tensor([measured])).item()
+        pair = torch.tensor([measured or 0.0, measured is None], dtype=torch.float64,
+                            device=self.device)
+        total, missing = _all_reduce(pair).tolist()
+        return None if missing else self.energy_kwh + total
 
     def _profiler(self):
         n = self.cfg.metrics.profile_steps
