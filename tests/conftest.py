@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from llamatrain.metrics import read_metrics
 
 # Triton reads TRITON_INTERPRET when it is first imported, and other tests' imports (transformers,
 # torch.compile) may import it before the kernel tests do: on a CPU, turn the interpreter on first.
@@ -86,9 +87,4 @@ def run_train(args: list[str], nproc: int = 1, *, env: dict | None = None,
 
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss, from metrics.jsonl."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}

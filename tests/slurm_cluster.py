@@ -3,7 +3,6 @@ directory, and the tiny model, corpus and overrides their training runs use."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from llamatrain import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -142,4 +143,4 @@ def tiny_overrides(base: Path, *, steps: int, interval: int) -> list[str]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics.read_metrics(run_dir / "metrics.jsonl")

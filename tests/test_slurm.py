@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import losses
 from slurm_cluster import (
     LAUNCH,
     REPO,
-    read_metrics,
     start_cluster,
     stop_cluster,
     tiny_overrides,
@@ -45,10 +45,6 @@ def reference(cluster, overrides, tmp_path_factory):
                             cwd=work)
     info = cluster.wait_done(job_id, timeout=240, log=work / f"reference-{job_id}.out")
     return work, job_id, info
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
 
 
 def test_local_cluster_has_two_idle_nodes_with_the_machines_cores(cluster):

@@ -39,10 +39,6 @@ def set_backend(backend: str, device_type: str = "cpu") -> str:
     return backend
 
 
-def get_backend() -> str:
-    return "torch" if _kernels is None else "triton"
-
-
 # ---------------------------------------------------------------------------------------------
 # References
 
