@@ -58,6 +58,17 @@ def read_meta(path: Path) -> dict:
     return json.loads(meta_path.read_text())
 
 
+def dataset_identity(path: str | Path) -> dict[str, Any]:
+    """What tells one prepared dataset from another, for a run's identity: its format, tokenizer
+    and token counts per split (not where its files were read from, so a moved corpus is the
+    same data)."""
+    meta = read_meta(Path(path))
+    return {"format": meta["format"], "tokenizer_sha256": meta["tokenizer_sha256"],
+            "vocab_size": meta["vocab_size"],
+            "splits": {s: {"num_tokens": v["num_tokens"], "num_documents": v["num_documents"]}
+                       for s, v in sorted(meta["splits"].items())}}
+
+
 def _source_identity(source: str) -> dict[str, Any]:
     """What names a source in the cache key: the stdlib by interpreter, a path by its top-level
     stat. Edits deep inside a directory are not seen (walking a huge corpus on every rank would
