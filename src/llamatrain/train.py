@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -359,6 +360,9 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            # The run's own copy of its tokenizer: exports and evaluation read it from here.
+            shutil.copyfile(self.train_data.path / "tokenizer.model",
+                            self.run_dir / "tokenizer.model")
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
         self.restore()
         if self.step >= cfg.train.steps:
