@@ -263,3 +263,42 @@ def test_length_batches_keep_the_token_budget_and_every_index():
     assert batches[0] == [6]  # longer than the budget: alone
     assert all(len(b) * lengths[b[0]] <= 36 for b in batches[1:])
     assert all(lengths[b[0]] == max(lengths[i] for i in b) for b in batches)
+
+
+def test_a_run_benchmarks_its_live_sharded_model_every_interval(prepared_data, tmp_path,
+                                                                monkeypatch):
+    from conftest import run_train, tiny_args
+
+    from llamatrain.metrics import read_metrics
+
+    run = tmp_path / "run"
+    proc = run_train(tiny_args(prepared_data, run, **{
+        "eval.tasks": "tiny_mc,tiny_gen", "eval.interval": 6, "eval.limit": 4,
+        "eval.include_path": TASKS}), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "eval/tiny_mc" in r}
+    assert sorted(records) == [6, 12]
+    assert "step 12: benchmarks tiny_mc" in proc.stdout
+    report = (run / "report.md").read_text()
+    assert "## Benchmarks (§2.3, Table 3)" in report
+    assert f"| step 12 | {records[12]['eval/tiny_mc']:.1f} | {records[12]['eval/tiny_gen']:.1f} |" \
+        in report
+    # The live, sharded model scored what its checkpoint scores in one process.
+    monkeypatch.chdir(REPO)
+    model, tok = load_checkpoint(run / "checkpoints/step-12", device=torch.device("cpu"),
+                                 dtype=torch.float32)
+    tasks = resolve_tasks("tiny_mc,tiny_gen")
+    offline = summarize(Suite(tasks, include_path=TASKS).run(LlamaLM(model, tok), limit=4), tasks)
+    assert offline == {k.removeprefix("eval/"): v for k, v in records[12].items()
+                       if k.startswith("eval/")}
+
+
+def test_eval_config_errors_are_one_line(prepared_data, tmp_path):
+    from conftest import run_train, tiny_args
+
+    proc = run_train(tiny_args(prepared_data, tmp_path / "run", **{
+        "eval.tasks": "no_such_task", "eval.include_path": TASKS}))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: eval.tasks = 'no_such_task': task 'no_such_task': not an lm-eval task or group "
+        f"(nor in --include-path {TASKS})"]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llamatrain.config import ModelConfig
+from llamatrain.config import EvalConfig, ModelConfig
 from llamatrain.inference import Sampling, cached_forward, generate
 from llamatrain.model import Transformer
 from llamatrain.tokenizer import Tokenizer, load_tokenizer
@@ -616,6 +616,43 @@ def report_markdown(rows: Sequence[tuple[str, dict[str, float]]], tasks: Sequenc
     lines += [f"| {name} | " + " | ".join(_fmt(r.get(n)) for n in names) + " |"
               for name, r in rows]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# During training
+
+
+class TrainingBenchmarks:
+    """The [eval] section of a run: its tasks, loaded when the run starts (a missing dataset
+    stops the run before it trains), evaluated on the live (possibly sharded) model by every
+    rank every eval.interval steps and at the end. Code tasks are never run here."""
+
+    def __init__(self, cfg: EvalConfig, tokenizer: Tokenizer, *, log=print):
+        offline_first()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        try:
+            self.suite = Suite(resolve_tasks(cfg.tasks), include_path=cfg.include_path, log=log)
+        except ValueError as e:
+            raise ValueError(f"eval.tasks = {cfg.tasks!r}: {e}") from None
+        self.last_step = -1
+
+    def due(self, step: int, *, final: bool) -> bool:
+        if step == self.last_step:
+            return False
+        return final or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
+
+    def run(self, model: Transformer, step: int) -> dict[str, float] | None:
+        """Scores in percent (tasks and Table 3 categories) on rank 0, None on the others."""
+        self.last_step = step
+        results = self.suite.run(LlamaLM(model, self.tokenizer), limit=self.cfg.limit or None)
+        return None if results is None else summarize(results, self.suite.tasks)
+
+    def report(self, records: Sequence[dict[str, Any]]) -> str:
+        """Table 3 for every evaluation logged in metrics.jsonl (`eval/...` keys), by step."""
+        rows = [(f"step {r['step']}", {k.removeprefix("eval/"): v for k, v in r.items()
+                                       if k.startswith("eval/")})
+                for r in records if any(k.startswith("eval/") for k in r)]
+        return report_markdown(rows, self.suite.tasks) if rows else ""
 
 
 # ---------------------------------------------------------------------------------------------
