@@ -211,8 +211,8 @@ def _is_unsafe(manager, name: str) -> bool:
     """Whether a task's YAML (or one it includes) marks it `unsafe_code`, read before its
     dataset is loaded, so that a skipped code task needs no data."""
     entry = manager.task_index.get(name)
-    path = getattr(entry, "yaml_path", None) or (entry or {}).get("yaml_path") \
-        if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
+    # lm-eval's index entries are objects in 0.4.9+ and dicts before.
+    path = entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
     seen: set[Path] = set()
     while path and Path(path).is_file() and Path(path) not in seen:
         path = Path(path)
@@ -500,10 +500,22 @@ def _find_tokenizer(path: Path, kind: str, override: str) -> Tokenizer:
     raise ValueError(f"checkpoint {str(path)!r}: no tokenizer.model beside it; pass --tokenizer")
 
 
+def must_shard(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the weights would take more than 3/4 of one GPU: then they are sharded over the
+    ranks (under torchrun), leaving room for activations and the KV cache."""
+    if device.type != "cuda" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return False
+    with torch.device("meta"):
+        size = sum(p.numel() for p in Transformer(cfg).parameters()) * dtype.itemsize
+    return size > 0.75 * torch.cuda.get_device_properties(device).total_memory
+
+
 def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtype,
-                    shard: bool = False, tokenizer: str = "") -> tuple[Transformer, Tokenizer]:
-    """A checkpoint's model on `device` (sharded over every rank with FSDP2 when `shard`) in
-    `dtype`, ready to evaluate, and its tokenizer."""
+                    shard: bool | None = False, tokenizer: str = ""
+                    ) -> tuple[Transformer, Tokenizer]:
+    """A checkpoint's model on `device` (sharded over every rank with FSDP2 when `shard`, or
+    when it does not fit one GPU if `shard` is None) in `dtype`, ready to evaluate, and its
+    tokenizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from llamatrain.checkpoint import load_model_weights
@@ -524,6 +536,8 @@ def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtyp
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"checkpoint {str(path)!r}: tokenizer has {tok.vocab_size} pieces, "
                          f"more than the model's {cfg.vocab_size}")
+    if shard is None:
+        shard = must_shard(cfg, device, dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
     if shard:
@@ -672,7 +686,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--tokenizer", default="", help="SentencePiece model, if not beside")
-    p.add_argument("--fsdp", action="store_true", help="shard the model over the ranks")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model over the ranks (automatic when it does not fit a GPU)")
     p.add_argument("--download", action="store_true",
                    help="fetch the tasks' datasets into the Hugging Face cache and exit")
     p.add_argument("--confirm-run-unsafe-code", action="store_true",
@@ -713,8 +728,8 @@ def main(argv: list[str] | None = None) -> int:
                   confirm_run_unsafe_code=args.confirm_run_unsafe_code, log=say)
     rows, everything = [], {}
     for ckpt in checkpoints:
-        model, tok = load_checkpoint(ckpt, device=device, dtype=dtype, shard=args.fsdp,
-                                     tokenizer=args.tokenizer)
+        model, tok = load_checkpoint(ckpt, device=device, dtype=dtype,
+                                     shard=True if args.fsdp else None, tokenizer=args.tokenizer)
         lm = LlamaLM(model, tok, batch_tokens=args.batch_tokens)
         results = suite.run(lm, limit=args.limit, bootstrap_iters=1000)
         if world.is_main:
