@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -302,3 +303,29 @@ def test_eval_config_errors_are_one_line(prepared_data, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: eval.tasks = 'no_such_task': task 'no_such_task': not an lm-eval task or group "
         f"(nor in --include-path {TASKS})"]
+
+
+def test_hf_meta_and_converted_directories_load_the_same_model(run_dir, ours, tmp_path):
+    from llamatrain.evaluate import expand_checkpoints
+
+    state_dict, cfg = convert.checkpoint_to_state_dict(run_dir / "checkpoints/step-60")
+    tok = load_tokenizer(run_dir / "tokenizer.model")
+    convert.save_hf(state_dict, cfg, tmp_path / "hf", dtype=torch.float32, tokenizer=tok)
+    convert.save_meta(state_dict, cfg, tmp_path / "meta/7B", num_shards=2, dtype=torch.float32)
+    tok.save(tmp_path / "meta/tokenizer.model")  # Meta's layout: the tokenizer one level up
+    assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "init")]) == 0
+    expected = ours.model.state_dict()
+    for name in ("hf", "meta/7B", "init"):
+        model, loaded_tok = load_checkpoint(tmp_path / name, device=torch.device("cpu"),
+                                            dtype=torch.float32)
+        assert loaded_tok.sha256 == tok.sha256, name
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items()), name
+    # A run directory stands for all of its checkpoints, oldest first.
+    shutil.copytree(run_dir / "checkpoints/step-60", run_dir / "checkpoints/step-7")
+    try:
+        assert expand_checkpoints([str(run_dir)]) == [run_dir / "checkpoints/step-7",
+                                                      run_dir / "checkpoints/step-60"]
+    finally:
+        shutil.rmtree(run_dir / "checkpoints/step-7")
+    with pytest.raises(ValueError, match="expected RUN_DIR/checkpoints/step-N, a run directory"):
+        expand_checkpoints([str(tmp_path)])

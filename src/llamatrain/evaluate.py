@@ -464,12 +464,12 @@ def checkpoint_kind(path: Path) -> str:
 
 def expand_checkpoints(paths: Sequence[str]) -> list[Path]:
     """Checkpoints to evaluate, in order; a run directory stands for all of its checkpoints."""
-    from llamatrain.checkpoint import is_complete
-
     out: list[Path] = []
     for p in map(Path, paths):
         if checkpoint_kind(p) == "run":
-            steps = sorted((s for s in (p / "checkpoints").glob("step-*") if is_complete(s)),
+            # DCP writes .metadata last: a step directory with it holds the whole model.
+            steps = sorted((s for s in (p / "checkpoints").glob("step-*")
+                            if (s / ".metadata").is_file()),
                            key=lambda s: int(s.name.removeprefix("step-")))
             if not steps:
                 raise ValueError(f"run {str(p)!r}: no complete checkpoint under checkpoints/")
