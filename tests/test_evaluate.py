@@ -294,15 +294,15 @@ def test_a_run_benchmarks_its_live_sharded_model_every_interval(prepared_data, t
                        if k.startswith("eval/")}
 
 
-def test_eval_config_errors_are_one_line(prepared_data, tmp_path):
-    from conftest import run_train, tiny_args
+def test_an_unknown_eval_task_stops_the_run_before_it_trains(run_dir):
+    from llamatrain.config import EvalConfig
+    from llamatrain.evaluate import TrainingBenchmarks
 
-    proc = run_train(tiny_args(prepared_data, tmp_path / "run", **{
-        "eval.tasks": "no_such_task", "eval.include_path": TASKS}))
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "error: eval.tasks = 'no_such_task': task 'no_such_task': not an lm-eval task or group "
-        f"(nor in --include-path {TASKS})"]
+    tok = load_tokenizer(run_dir / "tokenizer.model")
+    with pytest.raises(ValueError) as e:
+        TrainingBenchmarks(EvalConfig(tasks="no_such_task", include_path=TASKS), tok)
+    assert str(e.value) == ("eval.tasks = 'no_such_task': task 'no_such_task': not an lm-eval "
+                            f"task or group (nor in --include-path {TASKS})")
 
 
 def test_hf_meta_and_converted_directories_load_the_same_model(run_dir, ours, tmp_path):

@@ -349,7 +349,8 @@ class LlamaLM(TemplateLM):
         items = []
         for _, context, continuation in requests:
             whole = (context + continuation)[-(self.max_length + 1):]
-            items.append((whole[:-1], whole[-len(continuation):]))
+            scored = min(len(continuation), len(whole) - 1)  # the first token has no prediction
+            items.append((whole[:-1], whole[len(whole) - scored:]))
         out: list[tuple[float, bool] | None] = [None] * len(items)
         for batch in length_batches([len(inp) for inp, _ in items], self.batch_tokens):
             width = len(items[batch[0]][0])
@@ -413,6 +414,9 @@ class LlamaLM(TemplateLM):
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             sampling = self._sampling(kwargs)
             budget = self.max_length - max_new
+            if budget < 1:
+                raise ValueError(f"max_gen_toks = {max_new}: leaves no room for a context in "
+                                 f"the model's {self.max_length} positions")
             contexts = [self.tok_encode(requests[n].args[0])[-budget:] for n in members]
 
             def stop(tokens: list[int], until: list[str] = until) -> bool:
