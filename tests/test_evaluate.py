@@ -122,6 +122,16 @@ def test_loglikelihoods_and_scores_equal_lm_evals_hf_backend_on_the_export(
     generated = [s["resps"][0][0] for s in results["ours"]["samples"]["tiny_gen"]]
     assert any(generated) and all("\n" not in g and "return" not in g for g in generated)
 
+    # Rolling log-likelihoods: HFLM's tokenizer call would add a second BOS after the window's
+    # prefix BOS; without it, lm-eval's own windows give our numbers.
+    hflm = HFLM(pretrained=str(tmp_path), device="cpu", batch_size=4, dtype="float32",
+                add_bos_token=False)
+    docs = [_instance("loglikelihood_rolling", (text,)) for text in (
+        "def train(self, batch):\n    return self.loss(batch)\n" * 6, "x = 1")]
+    for h, o in zip(hflm.loglikelihood_rolling(docs), ours.loglikelihood_rolling(docs),
+                    strict=True):
+        assert abs(h - o) < 1e-3
+
 
 def test_loglikelihood_rolling_is_the_sum_over_the_document_after_bos(ours):
     text = "def train(self, batch):\n    return self.loss(batch)\n" * 6
