@@ -678,9 +678,10 @@ class TrainingBenchmarks:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llamatrain.evaluate",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT")
+    p = argparse.ArgumentParser(prog="python -m llamatrain.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
+                   help="step-N checkpoint, run directory, HF or Meta directory")
     p.add_argument("--tasks", required=True, help="task names, table3 or a category")
     p.add_argument("--num-fewshot", type=int, default=None, help="shots for every task")
     p.add_argument("--limit", type=int, default=None, help="documents per task (for a look)")
