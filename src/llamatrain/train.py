@@ -526,10 +526,10 @@ class Trainer:
                 if values:
                     report[f"final_{key}"] = values[-1]
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            markdown = _report_markdown(report, acct)
-            if self.benchmarks and self.benchmarks.report(records):
-                markdown += "\n## Benchmarks (§2.3, Table 3)\n\n" + self.benchmarks.report(records)
-            (self.run_dir / "report.md").write_text(markdown)
+            table = self.benchmarks.report(records) if self.benchmarks else ""
+            (self.run_dir / "report.md").write_text(
+                _report_markdown(report, acct)
+                + (f"\n## Benchmarks (§2.3, Table 3)\n\n{table}" if table else ""))
             plot = plot_loss(self.run_dir)
             self.log(f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
                      f"{self.wall_s:.1f} s; {format_accounting(acct)}; report "
