@@ -210,9 +210,7 @@ class Suite:
 def _is_unsafe(manager, name: str) -> bool:
     """Whether a task's YAML (or one it includes) marks it `unsafe_code`, read before its
     dataset is loaded, so that a skipped code task needs no data."""
-    entry = manager.task_index.get(name)
-    # lm-eval's index entries are objects in 0.4.9+ and dicts before.
-    path = entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
+    path = getattr(manager.task_index.get(name), "yaml_path", None)
     seen: set[Path] = set()
     while path and Path(path).is_file() and Path(path) not in seen:
         path = Path(path)
