@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from llamatrain.config import EvalConfig, ModelConfig
-from llamatrain.inference import Sampling, cached_forward, generate
+from llamatrain.inference import KVCache, Sampling, cached_forward, generate
 from llamatrain.model import Transformer
 from llamatrain.tokenizer import Tokenizer, load_tokenizer
 
@@ -421,7 +421,9 @@ class LlamaLM(TemplateLM):
                 text = self.tok.decode(tokens)
                 return any(s in text for s in until)
 
-            for batch in length_batches([len(c) for c in contexts], self.batch_tokens):
+            # The budget counts the positions each row's KV cache will hold.
+            lengths = [len(c) + max_new for c in contexts]
+            for batch in length_batches(lengths, self.batch_tokens):
                 new = generate(self.model, [contexts[i] for i in batch], max_new_tokens=max_new,
                                eos_id=self.tok.eos_id, sampling=sampling, stop=stop,
                                before_forward=lambda: self._any_active(True))
@@ -435,8 +437,6 @@ class LlamaLM(TemplateLM):
         return out
 
     def _idle_generation_step(self) -> None:
-        from llamatrain.inference import KVCache
-
         tokens = torch.tensor([[self.tok.bos_id]], device=self.device)
         cached_forward(self.model, tokens, torch.zeros_like(tokens),
                        KVCache(len(self.model.layers), 1, 1))
