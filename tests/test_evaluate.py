@@ -206,6 +206,18 @@ def test_a_missing_dataset_is_one_line_naming_the_task_and_the_fix(run_dir, tmp_
                          "(--include-path) at local files")
 
 
+def test_a_task_needing_a_missing_package_is_one_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    text = (REPO / "tests/eval_tasks/tiny_mc.yaml").read_text()
+    (tmp_path / "needs.yaml").write_text(text.replace("task: tiny_mc", "task: tiny_needs") +
+                                         "process_results: !function helper.process\n")
+    (tmp_path / "helper.py").write_text("import llamatrain_no_such_package\n")
+    with pytest.raises(ValueError, match="task 'tiny_needs' needs a package that is not "
+                                         "installed \\(No module named "
+                                         "'llamatrain_no_such_package'\\); install it"):
+        Suite([SuiteTask("tiny_needs")], include_path=str(tmp_path))
+
+
 def test_code_tasks_run_only_when_confirmed(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     text = (REPO / "tests/eval_tasks/tiny_mc.yaml").read_text()

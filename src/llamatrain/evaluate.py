@@ -187,6 +187,10 @@ class Suite:
                 f"internet run `python -m llamatrain.evaluate --download --tasks {t.task}` and "
                 f"copy {hf_cache_dir()} to this machine's HF_HOME, or point the task's YAML "
                 "(--include-path) at local files") from None
+        except ImportError as e:  # a task's helper module needs a package lm-eval leaves out
+            raise ValueError(f"task {t.task!r} needs a package that is not installed ({e}); "
+                             "install it (lm-eval's extras name most: pip install "
+                             "'lm-eval[math]', 'lm-eval[ifeval]', ...)") from None
         for task in loaded["tasks"].values():
             if t.num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=t.num_fewshot)
