@@ -712,6 +712,10 @@ def _device() -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    for flag, value, least in (("--num-fewshot", args.num_fewshot, 0), ("--limit", args.limit, 1),
+                               ("--batch-tokens", args.batch_tokens, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} = {value}: expected an integer >= {least}")
     tasks = resolve_tasks(args.tasks, num_fewshot=args.num_fewshot)
     if args.download:
         download(tasks, args.include_path)
