@@ -27,7 +27,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm >/dev/null; }
 
 test: setup system-deps
-	$(PY) -m llamatrain.kernels.compile_check --arch 80 --arch 90
+	$(PY) -m llamatrain.kernels.compile_check --arch 80 --arch 90 --arch 120
 	$(PY) -m pytest -q tests
 
 test-gpu:
