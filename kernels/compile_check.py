@@ -151,10 +151,11 @@ def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 def record_model_launches(shape: ModelShape, arch: int) -> list:
     """Every launch the ops' forward and backward make at `shape`, configured for `arch`."""
     # The package exports functions named like their modules, so import the modules by path.
-    _runtime, attention, cross_entropy, rmsnorm, rotary, swiglu = (
+    _runtime, attention, cross_entropy, linear_ce, rmsnorm, rotary, swiglu = (
         importlib.import_module(f"llamatrain.kernels.{name}")
-        for name in ("_runtime", "attention", "cross_entropy", "rmsnorm", "rotary", "swiglu")
-    )
+        for name in ("_runtime", "attention", "cross_entropy", "linear_cross_entropy", "rmsnorm",
+                     "rotary", "swiglu")
+    )  # fmt: skip
     rows = shape.batch * shape.seq_len
     b, s, hd = shape.batch, shape.seq_len, shape.head_dim
     with _runtime.record_launches(CHIPS[arch].target(arch)) as launches:
@@ -185,6 +186,9 @@ def record_model_launches(shape: ModelShape, arch: int) -> list:
         targets = torch.empty(b, s, dtype=torch.int64, device="meta")
         cross_entropy._forward(logits, targets, -100, True)
         cross_entropy._forward(logits, targets, -100, False)  # evaluation: the loss alone
+        # The fused linear cross-entropy: the same kernel on chunks, gradient over the logits.
+        linear_ce._forward(x.view(rows, -1), _meta(shape.vocab_size, shape.dim),
+                           targets.view(-1), -100, True)  # fmt: skip
     return launches
 
 
