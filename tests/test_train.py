@@ -239,6 +239,35 @@ def test_activation_checkpointing_and_compile_keep_the_losses(runs, prepared_dat
         assert loss == full[step] if exact else math.isclose(loss, full[step], rel_tol=1e-4)
 
 
+UNFUSED = {"kernels.fused_loss": "false", "kernels.fused_residual": "false"}
+
+
+def test_fused_loss_and_residual_train_with_the_losses_of_the_unfused_path(runs, prepared_data,
+                                                                           tmp_path):
+    # runs["full1"] has the defaults: fused output projection + loss, every residual in a norm.
+    run_dir = tmp_path / "unfused"
+    check(run_train(tiny_args(prepared_data, run_dir, **UNFUSED)))
+    fused, unfused = losses(runs["full1"]), losses(run_dir)
+    assert fused.keys() == unfused.keys() and len(fused) == 12
+    for step, loss in unfused.items():
+        assert math.isclose(fused[step], loss, rel_tol=1e-5)
+
+
+def test_fused_loss_with_sft_ignore_index_equals_the_unfused_loss(prepared_data, tmp_path):
+    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"the sum is {2 * i}."}
+            for i in range(100)]
+    source = tmp_path / "sft.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = {"data.format": "sft", "data.source": source, "train.steps": 3,
+           "data.tokenizer": prepared_data / "tokenizer.model", "train.warmup_steps": 0}
+    for name, extra in (("fused", {}), ("unfused", UNFUSED)):
+        check(run_train(tiny_args(prepared_data, tmp_path / name, **sft, **extra)))
+    fused, unfused = losses(tmp_path / "fused"), losses(tmp_path / "unfused")
+    assert len(fused) == 3 and fused.keys() == unfused.keys()
+    for step, loss in unfused.items():
+        assert math.isclose(fused[step], loss, rel_tol=1e-5)
+
+
 def test_missing_optional_packages_are_one_clear_line(prepared_data, tmp_path):
     proc = run_train(tiny_args(prepared_data, tmp_path / "x", **{"train.optimizer":
                                                                  "apex_fused_adam"}))
