@@ -33,6 +33,7 @@ test: setup system-deps
 test-gpu:
 	LLAMATRAIN_TEST_DEVICE=cuda PYTHONPATH=src $(GPU_PY) -m pytest -q tests/test_kernel_*.py
 	PYTHONPATH=src $(GPU_PY) benchmarks/kernels.py --first-timing
+	PYTHONPATH=src $(GPU_PY) benchmarks/loss_memory.py --dim 4096
 
 lint: setup
 	$(VENV)/bin/ruff check src kernels tests benchmarks

@@ -56,7 +56,7 @@ def _forward(
                         ignore_index, compute_grad)  # fmt: skip
         if compute_grad:
             torch.mm(dlogits, weight, out=grad_hidden[start:stop])
-            grad_weight += (dlogits.t() @ h).to(torch.float32)
+            grad_weight.add_(dlogits.t() @ h)  # a chunk's product, summed in fp32
     loss = losses.sum() / count
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
