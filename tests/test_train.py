@@ -14,8 +14,15 @@ import time
 import pytest
 from conftest import REPO, losses, run_train, tiny_args, train_command
 
-from llamatrain.config import TrainConfig
-from llamatrain.train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, batch_geometry, lr_at
+from llamatrain import ops
+from llamatrain.config import TrainConfig, load_config
+from llamatrain.train import (
+    REQUEUE_EXIT_CODE,
+    REQUEUE_MARKER,
+    attention_backward,
+    batch_geometry,
+    lr_at,
+)
 
 STOP = {"LLAMATRAIN_FAULT_STOP_STEP": "6"}
 
@@ -237,6 +244,27 @@ def test_activation_checkpointing_and_compile_keep_the_losses(runs, prepared_dat
     full = losses(runs["full1"])
     for step, loss in losses(run_dir).items():
         assert loss == full[step] if exact else math.isclose(loss, full[step], rel_tol=1e-4)
+
+
+def test_deterministic_training_selects_the_deterministic_attention_backward(monkeypatch):
+    def backward_of(*overrides):
+        return attention_backward(load_config(str(REPO / "configs/tiny.toml"), list(overrides)))
+
+    assert backward_of() == "atomic"
+    assert backward_of("--train.deterministic=true") == "deterministic"
+    assert backward_of("--kernels.attention_backward=deterministic") == "deterministic"
+    # ...and ops hands the choice to the kernel on every call.
+    seen = []
+    ops.set_backend("triton", "cpu", backward_of("--train.deterministic=true"))
+    try:
+        monkeypatch.setattr(ops._kernels, "attention",
+                            lambda q, k, v, causal, deterministic: seen.append(deterministic))
+        ops.attention(*[None] * 3)
+        ops.set_backend("triton", "cpu", "atomic")
+        ops.attention(*[None] * 3)
+    finally:
+        ops.set_backend("torch")
+    assert seen == [True, False]
 
 
 UNFUSED = {"kernels.fused_loss": "false", "kernels.fused_residual": "false"}

@@ -169,6 +169,12 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def attention_backward(cfg: Config) -> str:
+    """The attention backward a run uses: the deterministic one whenever train.deterministic asks
+    for bit-identical reruns, else kernels.attention_backward."""
+    return "deterministic" if cfg.train.deterministic else cfg.kernels.attention_backward
+
+
 class Trainer:
     def __init__(self, cfg: Config, world: World, stop: StopFlag | None = None):
         # Optional packages asked for and missing: one line now, not after data and model.
@@ -182,10 +188,8 @@ class Trainer:
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
         self.global_batch, self.accum = batch_geometry(cfg.train, world.world_size)
-        self.backend = ops.set_backend(
-            cfg.kernels.backend, self.device.type,
-            "deterministic" if cfg.train.deterministic else cfg.kernels.attention_backward,
-        )  # fmt: skip
+        self.backend = ops.set_backend(cfg.kernels.backend, self.device.type,
+                                       attention_backward(cfg))  # fmt: skip
         self.faults = Faults.from_env()
         self.staging_wait_s = 0.0  # time the loop waited for async checkpoint staging
         self.state_bytes: dict[str, int] = {}
