@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import heapq
 import importlib
 import json
 import math
@@ -309,6 +310,51 @@ def compile_launch(launch, arch: int) -> Result:
     return result
 
 
+def causal_busy(n_blocks: int, n_heads: int, slots: int, heads_first: bool) -> float:
+    """Fraction of `slots` (resident programs, all SMs) kept busy by the causal dK/dV programs
+    of `n_heads` (batch x kv heads) x `n_blocks` key blocks, key block j costing n_blocks - j,
+    when each program starts on the first free slot in issue order (list scheduling). Issue
+    order: all heads of block 0, then of block 1, ... (`heads_first`, the kernels' grid) or
+    head by head, each from its heaviest block."""
+    if heads_first:
+        order = [j for j in range(n_blocks) for _ in range(n_heads)]
+    else:
+        order = [j for _ in range(n_heads) for j in range(n_blocks)]
+    free = [0] * slots
+    end = total = 0
+    for j in order:
+        finish = heapq.heappop(free) + n_blocks - j
+        heapq.heappush(free, finish)
+        end, total = max(end, finish), total + n_blocks - j
+    return total / (slots * end)
+
+
+def balance_lines(results: list[Result], shape: ModelShape = SHAPES[1]) -> list[str]:
+    """For each arch: how busy the attention backward keeps the GPU at `shape` (batch 1, the
+    worst case), in the kernels' issue order and head by head."""
+    lines = []
+    for r in results:
+        if (r.kernel != "_attn_bwd_dkdv_kernel" or "ATOMIC_DQ=True" not in r.config
+                or shape.name not in r.shapes or r.occupancy is None):  # fmt: skip
+            continue
+        chip = CHIPS[r.arch]
+        launch = next(
+            launch for launch in record_model_launches(shape, r.arch)
+            if launch.kernel.__name__ == r.kernel and launch.args["ATOMIC_DQ"]
+        )  # fmt: skip
+        n_heads, n_blocks = launch.grid
+        per_sm = round(r.occupancy * chip.max_threads_per_sm / 32 / r.num_warps)
+        slots = chip.num_sms * per_sm
+        ours = causal_busy(n_blocks, n_heads, slots, heads_first=True)
+        by_head = causal_busy(n_blocks, n_heads, slots, heads_first=False)
+        lines.append(
+            f"sm_{r.arch} causal attention backward at {shape.name}, batch {shape.batch}: "
+            f"{ours:.0%} of {slots} program slots busy, heaviest blocks first across all heads "
+            f"({by_head:.0%} head by head)"
+        )
+    return lines
+
+
 # Filled before the worker processes fork, so each reads its launch by index, unpickled.
 _PENDING: list[tuple[object, int]] = []
 
@@ -371,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(table_header(), flush=True)
         results = check(archs, show=lambda r: print(table_line(r), flush=True))
+    for line in balance_lines(results):
+        print(line, file=sys.stderr if args.json else sys.stdout)
     failed = [r for r in results if not r.ok]
     print(f"compile_check: {len(results)} kernels compiled in {time.monotonic() - start:.1f} s, "
           f"{len(failed)} failed", file=sys.stderr if args.json else sys.stdout)  # fmt: skip

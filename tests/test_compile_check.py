@@ -102,6 +102,29 @@ def test_occupancy_is_bounded_by_registers_shared_memory_and_threads():
     assert compile_check.occupancy(rtx, 64, 60 * 1024, 4) == pytest.approx(4 / 48)
 
 
+def test_heaviest_first_across_heads_keeps_the_gpu_busier_than_head_by_head():
+    busy = compile_check.causal_busy
+    # 70B at batch 1: 8 kv heads x 64 key blocks of 64 on an A100 (108 SMs, a program each),
+    # and of 128 on an H100 (132 SMs): the list-scheduling model, 85% and 63%.
+    assert busy(64, 8, 108, heads_first=False) == pytest.approx(0.851, abs=1e-3)
+    assert busy(64, 8, 108, heads_first=True) == pytest.approx(0.963, abs=1e-3)
+    assert busy(32, 8, 132, heads_first=False) == pytest.approx(0.627, abs=1e-3)
+    assert busy(32, 8, 132, heads_first=True) == 1.0
+    assert busy(1, 1, 1, heads_first=True) == 1.0  # one program, one slot
+
+
+def test_balance_lines_report_the_attention_backward_per_arch(report):
+    results = [compile_check.Result(**{k: r[k] for k in (
+        "arch", "kernel", "shapes", "config", "shared", "registers", "spill_stores",
+        "spill_loads", "num_warps", "occupancy", "tensor_cores", "gemms", "error")})
+        for r in report]  # fmt: skip
+    lines = compile_check.balance_lines(results)
+    assert [line.split()[0] for line in lines] == ["sm_80", "sm_90", "sm_120"]
+    for line in lines:
+        ours, by_head = (float(x) for x in re.findall(r"(\d+)% ", line))
+        assert ours >= 90 and ours > by_head  # 96-100% on A100 and H100, 91% on sm_120
+
+
 def test_gemms_are_counted_once_per_source_dot_through_inlined_calls():
     ttir = "\n".join([
         '%1 = tt.dot %a, %b, %c : x loc(#loc5)',
