@@ -28,10 +28,11 @@ LIMIT_KB = {80: 163, 90: 227, 120: 99}
 
 
 @pytest.fixture(scope="module")
-def triton_env(tmp_path_factory) -> dict[str, str]:
-    """Triton's compile cache in a temp dir (not ~/.triton), shared by this module's tests."""
-    cache = tmp_path_factory.mktemp("triton-cache")
-    env = dict(os.environ, TRITON_CACHE_DIR=str(cache))
+def triton_env() -> dict[str, str]:
+    """The environment of a fresh compile_check process. Triton's compile cache is the one the
+    `make test` line before the tests fills, so the report here reruns only ptxas -v; each
+    kernel is still compiled and measured the same way."""
+    env = dict(os.environ)
     env.pop(AOT_ENV, None)
     return env
 
