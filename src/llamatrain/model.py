@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from llamatrain import ops
 from llamatrain.config import ModelConfig
@@ -157,6 +158,13 @@ class Transformer(nn.Module):
             normed = self.norm(h + delta)
         if targets is None:
             return self.output(normed)
+        if isinstance(self.output.weight, DTensor):
+            # FSDP hands forward plain tensors; a DTensor here is tensor-parallel (vocabulary
+            # sharded): the fused loss would see a shard of the vocabulary as if it were all.
+            raise ValueError(
+                "kernels.fused_loss = true needs an output projection that is not tensor-parallel; "
+                "set kernels.fused_loss = false to take the loss of the sharded logits"
+            )
         return ops.linear_cross_entropy(normed.flatten(0, 1), self.output.weight,
                                         targets.flatten(), ignore_index)  # fmt: skip
 
