@@ -51,7 +51,8 @@ def test_linear_cross_entropy_never_holds_more_than_a_chunk_of_logits(monkeypatc
     monkeypatch.setattr(lce._ce, "launch_rows", record)
     hidden = randn(40, 16).requires_grad_(True)
     weight = randn(300, 16).requires_grad_(True)
-    kernels.linear_cross_entropy(hidden, weight, torch.randint(0, 300, (40,))).backward()
+    targets = torch.randint(0, 300, (40,), device=DEVICE)
+    kernels.linear_cross_entropy(hidden, weight, targets).backward()
     chunk = lce.chunk_rows(40, 16, 300)
     assert chunk == 4 and seen == [(4, 300)] * 10  # 40 tokens, never 40 x 300 logits at once
     assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
