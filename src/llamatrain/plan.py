@@ -478,29 +478,35 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
     except ValueError as e:
         if not search:
             refusal = str(e)
-    layouts = candidate_layouts(cfg, g, gpn) if search or refusal else [requested]
     shards: dict[tuple, Memory] = {}
     steps: dict[tuple, Memory] = {}
+
+    def evaluate(layout: Layout) -> dict[str, Any]:
+        if layout == requested:  # measured as it is
+            memory = dry_run(with_layout(cfg, layout), g, gpn)
+        else:
+            # The search measures a step once per (tp, checkpointing), at full FSDP and one
+            # sequence (activations scale with the micro-batch), and the shards per mesh.
+            key = (layout.tp, layout.activation_checkpointing)
+            if key not in steps:
+                full = Layout(1, g // layout.tp, layout.tp, layout.activation_checkpointing, 1)
+                steps[key] = dry_run(with_layout(cfg, full), g, gpn)
+            mesh = (layout.tp, layout.dp_shard, layout.dp_replicate)
+            if mesh not in shards:
+                shards[mesh] = (steps[key] if layout.dp_replicate == 1 else
+                                dry_run(with_layout(cfg, layout), g, gpn, step=False))
+            one = steps[key]
+            memory = replace(shards[mesh], gathered=one.gathered,
+                             activations=one.activations * layout.micro_batch_size)
+        return _evaluate(with_layout(cfg, layout), layout, setup, memory)
+
     results = []
     with fake_world(g):
-        for layout in layouts:
-            if layout == requested:  # measured as it is
-                memory = dry_run(with_layout(cfg, layout), g, gpn)
-            else:
-                # The search measures a step once per (tp, checkpointing), at full FSDP and one
-                # sequence (activations scale with the micro-batch), and the shards per mesh.
-                key = (layout.tp, layout.activation_checkpointing)
-                if key not in steps:
-                    full = Layout(1, g // layout.tp, layout.tp, layout.activation_checkpointing, 1)
-                    steps[key] = dry_run(with_layout(cfg, full), g, gpn)
-                mesh = (layout.tp, layout.dp_shard, layout.dp_replicate)
-                if mesh not in shards:
-                    shards[mesh] = (steps[key] if layout.dp_replicate == 1 else
-                                    dry_run(with_layout(cfg, layout), g, gpn, step=False))
-                one = steps[key]
-                memory = replace(shards[mesh], gathered=one.gathered,
-                                 activations=one.activations * layout.micro_batch_size)
-            results.append(_evaluate(with_layout(cfg, layout), layout, setup, memory))
+        if not search and refusal is None:
+            results.append(evaluate(requested))
+        if search or refusal is not None or not results[0]["fits"]:
+            # Search for what fits: everything, or for a layout that does not, its alternatives.
+            results += [evaluate(x) for x in candidate_layouts(cfg, g, gpn) if x != requested]
     fitting = sorted((r for r in results if r["fits"]),
                      key=lambda r: (r["step_s"], r["memory"]["total"]))
     out = {"params": num_params(cfg.model), "gpus": g, "gpus_per_node": gpn,
@@ -511,6 +517,7 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
            "best": fitting[0] if fitting else None, "refusal": refusal}
     if not search and refusal is None:
         out["requested"] = results[0]
+        out["searched"] = len(results) > 1
     return out
 
 
