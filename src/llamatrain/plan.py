@@ -318,6 +318,13 @@ def dry_run(cfg: Config, num_gpus: int, gpus_per_node: int, *, step: bool = True
                   activations=transient - gathered)
 
 
+def state_bytes(model_cfg, layout: Layout) -> float:
+    """fp32 weights, gradients and AdamW's two moments per GPU as an even share of the model over
+    dp_shard x tp GPUs: the table's figure. The dry run reads rank 0's own shards, which uneven
+    splits and the replicated RMSNorm gains make up to a few percent larger."""
+    return num_params(model_cfg) * 16 / (layout.dp_shard * layout.tp)
+
+
 # ---------------------------------------------------------------------------------------------
 # Collectives and step time
 
