@@ -127,3 +127,20 @@ def test_a_layout_that_does_not_fit_in_memory_is_one_line():
     assert len(lines) == 1 and lines[0].startswith("error: tp 1 x dp_shard 1 x dp_replicate 2, "
                                                    "AC none, micro-batch 8 needs ")
     assert "GiB per GPU of 36.0 GiB; fits: --parallel.tp=" in lines[0]
+
+
+def test_carbon_project_uses_the_planner_step_model():
+    from llamatrain import carbon
+
+    cfg = load_config(REPO / "configs/llama2_70b.toml",
+                      ["--parallel.tp=2", "--parallel.activation_checkpointing=selective"])
+    layout, _ = plan.check_layout(cfg, 2048, 8)
+    step = plan.step_model(cfg, layout, num_gpus=2048, gpus_per_node=8,
+                           device=plan.device_spec("a100-80gb"), mfu=0.45,
+                           fabric=plan.FABRICS["ib"], link_gbps=200.0)
+    projected = carbon.project(carbon.Plan(config=cfg, tokens=2e12, num_gpus=2048,
+                                           device="a100", mfu=0.45, fabric="ib"))
+    assert projected["scaling_efficiency"] == step["efficiency"]
+    row = next(r for r in projected["scaling"] if r["gpus"] == 2048)
+    assert (row["tp"], row["dp_shard"], row["ib_efficiency"]) == (2, 1024, step["efficiency"])
+    assert 0.9 < step["efficiency"] < 1

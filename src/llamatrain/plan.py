@@ -567,9 +567,10 @@ def format_result(r: dict[str, Any], *, top: int = 10) -> str:
             lines.append(f"  {c['what']:<42} {c['kind']:<28} over {c['group']:>5} "
                          f"({c['link']:<10}) x{c['count']:>5}: {c['bytes'] / 1e9:8.2f} GB "
                          f"per GPU, {c['seconds']:.3f} s")
+        exposed = chosen["step_s"] - chosen["compute_s"] - chosen["tp_comm_s"]
         lines.append(f"  step {chosen['step_s']:.2f} s = compute {chosen['compute_s']:.2f} s + "
-                     f"tensor parallel {chosen['tp_comm_s']:.2f} s + exposed FSDP "
-                     f"({chosen['fsdp_comm_s']:.2f} s in all, overlapped)")
+                     f"tensor parallel {chosen['tp_comm_s']:.2f} s + FSDP not hidden behind "
+                     f"compute {exposed:.2f} s (of {chosen['fsdp_comm_s']:.2f} s)")
         lines.append(f"  use: {chosen['overrides']}")
     return "\n".join(lines)
 
