@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -111,3 +112,12 @@ def test_a_bad_tp_is_one_line_from_the_trainer():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "error: parallel.tp = 3: must divide model.n_heads = 8 (would work: 1, 2, 4)"]
+
+
+def test_triton_kernels_run_on_the_local_heads_and_slices():
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "tests/dist_tp_kernels_check.py"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
