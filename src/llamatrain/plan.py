@@ -479,12 +479,13 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
         raise ValueError(f"mfu = {setup.mfu!r}: expected a fraction in (0, 1]")
     device = device_spec(setup.device)
     g, gpn = setup.num_gpus, setup.gpus_per_node
-    requested, refusal = None, None
+    requested, refusal, own_refusal = None, None, None
     try:
         requested, _ = check_layout(cfg, g, gpn)
     except ValueError as e:
+        own_refusal = str(e)
         if not search:
-            refusal = str(e)
+            refusal = own_refusal
     shards: dict[tuple, Memory] = {}
     steps: dict[tuple, Memory] = {}
 
@@ -521,7 +522,8 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
            "fabric": FABRICS[setup.fabric].name, "link_gbps": setup.link_gbps,
            "seq_len": cfg.train.seq_len, "global_batch_tokens": cfg.train.global_batch_tokens,
            "searched": search or refusal is not None, "layouts": results, "fitting": fitting,
-           "best": fitting[0] if fitting else None, "refusal": refusal}
+           "best": fitting[0] if fitting else None, "refusal": refusal,
+           "config_refusal": own_refusal}
     if not search and refusal is None:
         out["requested"] = results[0]
         out["searched"] = len(results) > 1
@@ -552,6 +554,8 @@ def format_result(r: dict[str, Any], *, top: int = 10) -> str:
                 f"{x['efficiency']:>6.1%}")
 
     chosen = r.get("requested") or r["best"]
+    if r["config_refusal"]:
+        lines.append(f"the config's own layout is refused: {r['config_refusal']}")
     if r["searched"]:
         lines += ["", f"layouts that fit, fastest first ({len(r['fitting'])} of "
                   f"{len(r['layouts'])} the trainer accepts; memory in GiB per GPU):", header]
