@@ -10,10 +10,14 @@ builds the model on the meta device and applies the real `parallelize()`: parame
 optimizer bytes are read off the DTensor shards rank 0 holds. Activation memory is measured, not
 guessed: one forward and backward of a micro-batch runs on fake tensors (FakeTensorMode, so no
 FLOP is computed and no byte allocated) under torch's FSDP memory tracker, with the chosen
-activation checkpointing. Every block of the model is the same, so the dry run builds one with 3p
-and one with 4p blocks (p = 2 for selective checkpointing, else 1) and extends the difference
+activation checkpointing. Every block of the model is the same, so the dry run builds one with 4p
+and one with 5p blocks (p = 2 for selective checkpointing, else 1) and extends the difference
 linearly to the model's depth; in the search, micro-batches of m sequences are taken to hold m
-times the activations of one (the layout asked for is measured at its own micro-batch).
+times the activations of one (the layout asked for is measured at its own micro-batch). The ops
+run as their PyTorch references (fake tensors hold no data for a Triton kernel), which keep fp32
+intermediates the fused kernels do not (not yet checked against a GPU run).
+Step time is modelled: --mfu is the model FLOPs utilisation of compute, the same whatever the
+checkpointing (layouts that tie are ranked by memory).
 
 With --parallel.* overrides it reports that layout; without, it searches tp in 1, 2, 4, 8, FSDP
 over every data-parallel rank or inside a node (HSDP), the three activation-checkpointing modes
