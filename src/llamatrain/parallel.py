@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +41,12 @@ from torch.utils.checkpoint import checkpoint
 
 from llamatrain.config import ParallelConfig
 from llamatrain.model import RMSNorm, Transformer, init_rows
+
+# FSDP2 warns whenever a wrapped block returns a view, because an in-place op on it would skip the
+# pre-backward hook. A block returns (h, delta) and its only consumer is the next block's fused
+# norm, which adds them out of place; the warning (seen under tensor parallelism) is noise here.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                        category=UserWarning)
 
 
 @dataclass
