@@ -350,3 +350,46 @@ def test_truncated_compressed_files_are_skipped_not_read_short(tmp_path, prepare
     assert set(reasons) == {"a.jsonl.gz", "b.jsonl.zst"}
     assert all(r.startswith("cannot read: ") for r in reasons.values())
     assert meta["num_documents"] == 4000
+
+
+def copy_prepared(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_truncated_shard_is_an_error_naming_it_not_a_smaller_dataset(tmp_path, prepared):
+    _, first, _ = prepared
+    out = copy_prepared(first, tmp_path / "p")
+    shard = out / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"train_000000.bin' has \d+ bytes but meta.json records"):
+        load_dataset(out, DataConfig(), seq_len=16)
+    shard.unlink()
+    with pytest.raises(ValueError, match="train_000000.bin' cannot be read"):
+        load_dataset(out, DataConfig(), seq_len=16)
+
+
+def test_a_token_id_beyond_the_vocabulary_names_the_shard_and_position(tmp_path, prepared):
+    _, first, _ = prepared
+    out = copy_prepared(first, tmp_path / "p")
+    tokens = np.fromfile(out / "train_000000.bin", dtype=np.uint16)
+    tokens[1234] = 60_000  # a flipped byte: still a valid uint16, far beyond 400 pieces
+    tokens.tofile(out / "train_000000.bin")
+    ds = load_dataset(out, DataConfig(), seq_len=16, vocab_size=512)
+    assert ds.get_batch([0, 1, 2])["input_ids"].max() < 400  # other samples read fine
+    with pytest.raises(ValueError, match=r"token id 60000 >= vocabulary size 400 at token 1234 "
+                                         r"of '.*train_000000.bin'"):
+        ds.get_batch([5, 1234 // 16])
+
+
+def test_the_tokenizer_is_checked_against_the_shards_and_the_model(tmp_path, prepared):
+    _, first, _ = prepared
+    with pytest.raises(ValueError, match="vocab_size=300 is smaller than the tokenizer's 400"):
+        load_dataset(first, DataConfig(), seq_len=16, vocab_size=300)
+    out = copy_prepared(first, tmp_path / "p")
+    (out / "tokenizer.model").write_bytes(
+        data_prepare.train_tokenizer(make_doc(random.Random(5), 300).split("\n"), vocab_size=300)
+        .model_proto
+    )
+    with pytest.raises(ValueError, match=r"tokenizer.model \(300 pieces.* is not the tokenizer"):
+        load_dataset(out, DataConfig(), seq_len=16, vocab_size=512)

@@ -94,17 +94,30 @@ def cache_key(cfg: DataConfig, *, vocab_size: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_prepared(path: Path, cfg: DataConfig, *, vocab_size: int) -> None:
-    meta = read_meta(path)
-    if meta["format"] != cfg.format:
+def check_vocabulary(path: Path, meta: dict, *, vocab_size: int) -> None:
+    """The prepared directory's tokenizer.model is the one its shards were made with, and its
+    vocabulary fits the model's."""
+    tok = load_tokenizer(path / "tokenizer.model")
+    if tok.sha256 != meta["tokenizer_sha256"] or tok.vocab_size != meta["vocab_size"]:
         raise ValueError(
-            f"data.format={cfg.format!r} but {str(path)!r} was prepared as {meta['format']!r}"
+            f"dataset {str(path)!r}: tokenizer.model ({tok.vocab_size} pieces, sha256 "
+            f"{tok.sha256[:12]}) is not the tokenizer its shards were prepared with "
+            f"({meta['vocab_size']} pieces, sha256 {meta['tokenizer_sha256'][:12]})"
         )
     if meta["vocab_size"] > vocab_size:
         raise ValueError(
             f"model vocab_size={vocab_size} is smaller than the tokenizer's {meta['vocab_size']} "
             f"of {str(path)!r}; allowed: vocab_size >= {meta['vocab_size']}"
         )
+
+
+def _check_prepared(path: Path, cfg: DataConfig, *, vocab_size: int) -> None:
+    meta = read_meta(path)
+    if meta["format"] != cfg.format:
+        raise ValueError(
+            f"data.format={cfg.format!r} but {str(path)!r} was prepared as {meta['format']!r}"
+        )
+    check_vocabulary(path, meta, vocab_size=vocab_size)
     if cfg.tokenizer and load_tokenizer(cfg.tokenizer).sha256 != meta["tokenizer_sha256"]:
         raise ValueError(
             f"data.tokenizer={cfg.tokenizer!r} is not the tokenizer {str(path)!r} was prepared with"
@@ -163,16 +176,31 @@ def prepare_source(cfg: DataConfig, *, vocab_size: int) -> Path:
 
 
 class TokenStream:
-    """One split's shards, memory-mapped, read as one array."""
+    """One split's shards, memory-mapped, read as one array.
 
-    def __init__(self, path: Path, meta: dict, split: str) -> None:
+    Opening checks every shard's size against meta.json (a truncated or missing .bin is an error,
+    never a smaller dataset); every read checks its token ids against `limit` (the tokenizer's
+    vocabulary), so a damaged shard is a ValueError naming the file and position rather than an
+    IndexError inside the embedding. A max over what was read costs nothing next to a step.
+    """
+
+    def __init__(self, path: Path, meta: dict, split: str, *, limit: int | None = None) -> None:
         if split not in meta["splits"]:
             raise ValueError(f"split={split!r}; allowed: {', '.join(meta['splits'])}")
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         shards = meta["splits"][split]["shards"]
-        self.arrays = [np.memmap(path / s["file"], dtype=dtype, mode="r") for s in shards]
+        self.files = [path / s["file"] for s in shards]
+        for shard, file in zip(shards, self.files, strict=True):
+            check_shard_size(file, shard["num_tokens"], dtype.itemsize)
+        self.arrays = [np.memmap(f, dtype=dtype, mode="r") for f in self.files]
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
         self.num_tokens = int(self.starts[-1])
+        if self.num_tokens != meta["splits"][split]["num_tokens"]:
+            raise ValueError(
+                f"dataset {str(path)!r}: the {split} shards hold {self.num_tokens} tokens but "
+                f"meta.json says {meta['splits'][split]['num_tokens']}; prepare it again"
+            )
+        self.limit = int(meta["vocab_size"] if limit is None else limit)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, across shard boundaries."""
@@ -182,9 +210,20 @@ class TokenStream:
         while done < length:
             a, offset = self.arrays[k], start + done - int(self.starts[k])
             n = min(length - done, len(a) - offset)
-            out[done : done + n] = a[offset : offset + n]
+            chunk = a[offset : offset + n]
+            if n and int(chunk.max()) >= self.limit:
+                self._bad_token(k, offset, chunk)
+            out[done : done + n] = chunk
             done, k = done + n, k + 1
         return out
+
+    def _bad_token(self, k: int, offset: int, chunk: np.ndarray) -> None:
+        at = int(np.argmax(chunk >= self.limit))
+        raise ValueError(
+            f"dataset: token id {int(chunk[at])} >= vocabulary size {self.limit} at token "
+            f"{offset + at} of {str(self.files[k])!r}: the shard is damaged; prepare the source "
+            "again"
+        )
 
     def positions_of(self, token_id: int) -> np.ndarray:
         """Every position of token_id in the stream."""
@@ -193,6 +232,19 @@ class TokenStream:
             for a, s in zip(self.arrays, self.starts[:-1], strict=True)
         ]
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def check_shard_size(file: Path, num_tokens: int, itemsize: int) -> None:
+    """A shard must exist and hold exactly the tokens meta.json records for it."""
+    try:
+        size = file.stat().st_size
+    except OSError as e:
+        raise ValueError(f"dataset: shard {str(file)!r} cannot be read ({e.strerror})") from None
+    if size != num_tokens * itemsize:
+        raise ValueError(
+            f"dataset: shard {str(file)!r} has {size} bytes but meta.json records {num_tokens} "
+            f"tokens ({num_tokens * itemsize} bytes): truncated or damaged; prepare it again"
+        )
 
 
 @dataclass
@@ -307,14 +359,22 @@ class SFTDataset(_Dataset):
 
 
 def load_dataset(
-    path: str | Path, cfg: DataConfig, *, seq_len: int, split: str = "train"
+    path: str | Path,
+    cfg: DataConfig,
+    *,
+    seq_len: int,
+    split: str = "train",
+    vocab_size: int | None = None,
 ) -> PretrainDataset | SFTDataset:
     """The split of a prepared directory as fixed-length samples of seq_len tokens.
 
-    An empty training split is a ValueError; an empty validation split is a dataset of length 0.
+    With the model's vocab_size, the directory's tokenizer is checked against it first. An empty
+    training split is a ValueError; an empty validation split is a dataset of length 0.
     """
     path = Path(path)
     meta = read_meta(path)
+    if vocab_size is not None:
+        check_vocabulary(path, meta, vocab_size=vocab_size)
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len}; allowed: >= 1")
     if meta["format"] != cfg.format:

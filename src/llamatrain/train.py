@@ -224,8 +224,11 @@ class Trainer:
             dist.barrier()
         if world.local_rank != 0:
             path = prepare_source(cfg.data, vocab_size=cfg.model.vocab_size)
-        self.train_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="train")
-        self.val_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="val")
+        vocab = cfg.model.vocab_size
+        self.train_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="train",
+                                       vocab_size=vocab)
+        self.val_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="val",
+                                     vocab_size=vocab)
         self.sampler = GlobalSampler(num_samples=len(self.train_data), seed=cfg.train.seed)
         if cfg.train.epochs > 0:
             cfg.train.steps = math.ceil(cfg.train.epochs * len(self.train_data) / self.global_batch)
