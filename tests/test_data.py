@@ -393,3 +393,110 @@ def test_the_tokenizer_is_checked_against_the_shards_and_the_model(tmp_path, pre
     )
     with pytest.raises(ValueError, match=r"tokenizer.model \(300 pieces.* is not the tokenizer"):
         load_dataset(out, DataConfig(), seq_len=16, vocab_size=512)
+
+
+def test_unreadable_paths_are_skipped_and_named_not_fatal(tmp_path, monkeypatch, prepared):
+    _, first, _ = prepared
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("return value")
+    (corpus / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    (corpus / "loop.txt").symlink_to(corpus / "loop.txt")
+    (corpus / "vanishes.txt").write_text("print total")
+    (corpus / "z.txt").write_text("import self")
+    real = data_prepare.get_tokenizer
+
+    def list_then_delete(*args, **kwargs):  # between listing the files and reading them
+        (corpus / "vanishes.txt").unlink()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_prepare, "get_tokenizer", list_then_delete)
+    model = str(first / "tokenizer.model")
+    meta = prepare_dir([str(corpus)], tmp_path / "out", opts(), tokenizer=model)
+
+    reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
+    assert set(reasons) == {"dangling.txt", "loop.txt", "vanishes.txt"}
+    assert "No such file" in reasons["dangling.txt"] and "No such file" in reasons["vanishes.txt"]
+    assert "Too many levels of symbolic links" in reasons["loop.txt"]
+    assert all(r.startswith("cannot read: ") for r in reasons.values())
+    assert documents(tmp_path / "out", "train") == ["return value", "import self"]
+
+
+def test_a_long_single_line_file_is_read_in_blocks_not_whole(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "one-line.txt"
+    line = ("wörd " * 200_000 + "😀") * 24  # 24 MB without a newline
+    path.write_text(line)
+    tracemalloc.start()
+    sizes = [len(item.data) for item in data_prepare.read_items(path, 0)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # A piece is a block plus at most the 3 bytes of a character cut at the previous block.
+    assert sum(sizes) == len(line.encode()) and max(sizes) <= data_prepare.TASK_BYTES + 3
+    assert peak < 16 * data_prepare.TASK_BYTES  # 4 MB; over 28 MB when read whole
+
+
+def test_long_documents_are_tokenised_in_pieces_exactly_and_split_as_a_whole(
+    tmp_path, monkeypatch, prepared
+):
+    _, first, _ = prepared
+    rng = random.Random(3)
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    docs = [make_doc(rng, 80) + HARD[k % len(HARD)] for k in range(6)]
+    docs.append("x中😀 " * 400)  # one long line: cut inside it at a character boundary
+    for k, d in enumerate(docs):
+        (corpus / f"{k}.txt").write_text(d, newline="")
+    (corpus / "bad.txt").write_bytes(b"ok\n" * 500 + b"caf\xe9\n")  # bad UTF-8 far in
+    (corpus / "blank.txt").write_text(" \n" * 500)
+    monkeypatch.setattr(data_prepare, "TASK_BYTES", 300)
+    tok = Tokenizer((first / "tokenizer.model").read_bytes())
+    out = tmp_path / "out"
+    meta = prepare_dir(
+        [str(corpus)], out, opts(val_fraction=0.5), tokenizer=str(first / "tokenizer.model")
+    )
+
+    train, val = documents(out, "train"), documents(out, "val")
+    assert sorted(train + val) == sorted(docs) and val
+    assert all(is_val(d.encode(), 0.5) for d in val)
+    assert not any(is_val(d.encode(), 0.5) for d in train)
+    reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
+    assert reasons == {"bad.txt": "not valid UTF-8 (byte 1503: invalid continuation byte)",
+                       "blank.txt": data_prepare.EMPTY}
+    # Cut after newlines, a document tokenises exactly as it does whole.
+    stream = np.concatenate([read_split(out, "train"), read_split(out, "val")]).tolist()
+    for d in docs[:6]:
+        whole = [tok.bos_id, *tok.encode(d), tok.eos_id]
+        assert any(stream[i : i + len(whole)] == whole for i in range(len(stream)))
+
+
+def test_prepare_source_removes_temp_directories_of_dead_builds_only(tmp_path, prepared):
+    import os
+    import socket
+    import time
+
+    corpus, first, _ = prepared
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    dirs = {
+        "killed here": f".x-pretrain-1.tmp-{host}-{dead}-0000aaaa",
+        "running here": f".x-pretrain-1.tmp-{host}-{os.getpid()}-0000bbbb",
+        "old elsewhere": ".x-pretrain-1.tmp-other-node-7-0000cccc",
+        "recent elsewhere": ".x-pretrain-1.tmp-other-node-8-0000dddd",
+    }
+    for name in dirs.values():
+        (cache / name).mkdir()
+        (cache / name / "train_000000.bin").write_bytes(b"\0" * 10)
+    old = time.time() - data.STALE_BUILD_S - 60
+    for p in (cache / dirs["old elsewhere"], cache / dirs["old elsewhere"] / "train_000000.bin"):
+        os.utime(p, (old, old))
+
+    cfg = source_config(corpus, cache, tokenizer=str(first / "tokenizer.model"))
+    path = prepare_source(cfg, vocab_size=512)
+
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == sorted([path.name, dirs["running here"], dirs["recent elsewhere"]])

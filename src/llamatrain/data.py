@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,12 +125,50 @@ def _check_prepared(path: Path, cfg: DataConfig, *, vocab_size: int) -> None:
         )
 
 
+TMP_TAG = ".tmp-"
+# A build on another host is presumed dead when nothing in its directory changed for this long:
+# longer than training any tokenizer on a bounded sample, or writing one block of shards.
+STALE_BUILD_S = 6 * 3600
+
+
+def remove_stale_builds(cache: Path) -> list[Path]:
+    """Delete the temporary directories of cache builds whose process is gone (killed, node lost):
+    on this host, when their pid is no longer running; from another host (a shared file system),
+    when untouched for STALE_BUILD_S. Returns what was removed."""
+    removed = []
+    host, now = socket.gethostname(), time.time()
+    for d in cache.glob(f".*{TMP_TAG}*"):
+        owner = d.name.rsplit(TMP_TAG, 1)[1]
+        parts = owner.rsplit("-", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            mtime = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
+        except OSError:
+            continue  # finished or removed meanwhile
+        if (parts[0] == host and not _running(int(parts[1]))) or now - mtime > STALE_BUILD_S:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 def prepare_source(cfg: DataConfig, *, vocab_size: int) -> Path:
     """Directory of the prepared `cfg.source`: prepared now into cfg.cache_dir unless cached.
 
     Several processes may call this at once (ranks, nodes on a shared file system): each builds in
     its own temporary directory and renames it into place; whoever loses the race discards its
-    copy and returns the winner's. A prepared directory (with meta.json) is used as it is.
+    copy and returns the winner's. Temporary directories of killed builds are removed first. A
+    prepared directory (with meta.json) is used as it is.
     """
     if cfg.format not in FORMATS:
         raise ValueError(f"data.format={cfg.format!r}; allowed: {', '.join(FORMATS)}")
@@ -150,7 +189,9 @@ def prepare_source(cfg: DataConfig, *, vocab_size: int) -> Path:
     if (final / "meta.json").is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_builds(cache)
+    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = cache / f".{final.name}{TMP_TAG}{owner}"
     tmp.mkdir()
     try:
         build(

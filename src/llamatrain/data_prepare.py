@@ -9,8 +9,10 @@ lost. Publishing the directory atomically is the caller's job (see data.py).
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -149,20 +151,29 @@ def _zstd_blocks(raw: BinaryIO) -> Iterator[bytes]:
 
 @dataclass
 class Item:
-    """A piece of one input file: the whole of a text file, or whole lines of a .jsonl file."""
+    """A piece of one input file: whole lines of a .jsonl file, or a text file's document, whole
+    or (when longer than a block) in pieces cut after a newline."""
 
     file_index: int
     data: bytes
     first_line: int = 0
     last: bool = False
     error: str = ""
+    # A text document in several pieces: whether this piece opens (BOS) and closes (EOS) it, and
+    # the whole document's content hash, which decides its split before all of it is read.
+    opens: bool = True
+    closes: bool = True
+    doc_hash: int | None = None
 
 
 def read_items(path: Path, file_index: int) -> Iterator[Item]:
-    """A file's pieces in order; the last one has last=True. Read errors become an error item."""
+    """A file's pieces in order; the last one has last=True. Read errors become an error item.
+
+    Memory is bounded by the block size, not the file size, for every kind of file.
+    """
     try:
         if not is_jsonl(path):
-            yield Item(file_index, b"".join(_blocks(path)), last=True)
+            yield from _text_items(path, file_index)
             return
         line, rest, pending = 0, b"", None
         for block in _blocks(path):
@@ -185,6 +196,60 @@ def read_items(path: Path, file_index: int) -> Iterator[Item]:
         yield pending
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
+
+
+def _text_items(path: Path, file_index: int) -> Iterator[Item]:
+    """A text file is one document: one Item when it fits in a block. A longer one is read twice,
+    streaming: first to hash it and check it is UTF-8 with some text, then in pieces."""
+    blocks = _blocks(path)
+    first, more = next(blocks, b""), next(blocks, None) is not None
+    blocks.close()
+    if not more:
+        yield Item(file_index, first, last=True)
+        return
+    doc_hash, error, blank = _scan_text(path)
+    if error or blank:
+        yield Item(file_index, b"", last=True, error=error)
+        return
+    rest, opens = b"", True
+    for block in _blocks(path):
+        block = rest + block
+        cut = _piece_end(block)
+        if cut:
+            yield Item(file_index, block[:cut], opens=opens, closes=False, doc_hash=doc_hash)
+            opens = False
+        rest = block[cut:]
+    yield Item(file_index, rest, last=True, opens=opens, doc_hash=doc_hash)
+
+
+def _piece_end(block: bytes) -> int:
+    """Where to cut a long document's block: after its last newline, where tokenisation can
+    restart exactly; in a line longer than a block, at the last character boundary."""
+    cut = block.rfind(b"\n") + 1
+    if not cut:
+        cut = len(block)
+        while cut > 0 and len(block) - cut < 4 and block[cut - 1] & 0xC0 == 0x80:
+            cut -= 1  # inside a multi-byte character: back to its lead byte
+        if cut and block[cut - 1] >= 0xC0:
+            cut -= 1
+    return cut
+
+
+def _scan_text(path: Path) -> tuple[int, str, bool]:
+    """(content hash, UTF-8 error or '', whether it is blank) of a whole file, read in blocks."""
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    for block in itertools.chain(_blocks(path), [b""]):
+        pending = len(decoder.getstate()[0])
+        try:
+            text = decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            return 0, f"not valid UTF-8 (byte {offset - pending + e.start}: {e.reason})", False
+        h.update(block)
+        offset += len(block)
+        blank = blank and not text.strip()
+    return int.from_bytes(h.digest(), "little"), "", blank
 
 
 NEWLINE = b"\n"
@@ -295,10 +360,20 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+HASH_BYTES = 8
+
+
+def content_hash(content: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(content, digest_size=HASH_BYTES).digest(), "little")
+
+
 def is_val(content: bytes, val_fraction: float) -> bool:
     """Stable split: the document's content hash, read as a number in [0, 1)."""
-    h = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
-    return h < val_fraction * 2.0**64
+    return hash_is_val(content_hash(content), val_fraction)
+
+
+def hash_is_val(doc_hash: int, val_fraction: float) -> bool:
+    return doc_hash < val_fraction * 2.0 ** (8 * HASH_BYTES)
 
 
 def encode_task(items: list[Item]) -> list[ItemResult]:
@@ -318,6 +393,8 @@ def encode_item(item: Item) -> ItemResult:
     except DocumentError as e:
         res.error = str(e)
         return res
+    if item.doc_hash is not None:
+        return _encode_piece(item, docs[0], tok, opts, res)
     if opts.format == "sft":
         kept = [(p, r) for p, r in docs if r.strip()]
         flat = tok.encode_batch([t for pr in kept for t in pr])
@@ -338,6 +415,20 @@ def encode_item(item: Item) -> ItemResult:
         out[split].append(tok.eos_id)
         res.num_documents[split] += 1
     res.tokens = {s: np.array(out[s], dtype=_worker["dtype"]) for s in SPLITS}
+    return res
+
+
+def _encode_piece(
+    item: Item, text: str, tok: Tokenizer, opts: PrepareOptions, res: ItemResult
+) -> ItemResult:
+    """A piece of a long text document: BOS only on the first, EOS only on the last."""
+    ids = tok.encode(text) if item.opens else tok.encode_continuation(text)
+    split = "val" if hash_is_val(item.doc_hash or 0, opts.val_fraction) else "train"
+    tokens = [tok.bos_id] * item.opens + ids + [tok.eos_id] * item.closes
+    res.num_documents = {s: int(s == split and item.closes) for s in SPLITS}
+    res.tokens = {
+        s: np.array(tokens if s == split else [], dtype=_worker["dtype"]) for s in SPLITS
+    }
     return res
 
 
@@ -480,13 +571,21 @@ def _results(files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, abando
             yield from pending.popleft().get()
 
 
+def _size(path: Path) -> int:
+    """Bytes of a file for the progress bar; one that cannot be read is skipped later, by name."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def tokenize_files(
     files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, out_dir: Path
 ) -> tuple[Totals, list[dict], dict[str, list[dict]]]:
     """Write the split shards of files into out_dir; returns totals, skipped files and shards."""
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(out_dir, s, dtype, opts.shard_tokens) for s in SPLITS}
-    sizes = [p.stat().st_size for p in files]
+    sizes = [_size(p) for p in files]
     progress = Progress(total_files=len(files), total_bytes=sum(sizes), enabled=opts.progress)
     totals, skipped, abandoned = Totals(), [], set()
     current, failed, done_files, done_bytes = -1, False, 0, 0
