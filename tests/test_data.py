@@ -500,3 +500,57 @@ def test_prepare_source_removes_temp_directories_of_dead_builds_only(tmp_path, p
 
     left = sorted(p.name for p in cache.iterdir())
     assert left == sorted([path.name, dirs["running here"], dirs["recent elsewhere"]])
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def mix_config(cache: Path, *entries: tuple[str, float], **kw) -> DataConfig:
+    from llamatrain.config import MixSource
+
+    return DataConfig(mix=[MixSource(source=s, weight=w) for s, w in entries],
+                      cache_dir=str(cache), workers=1, val_fraction=0.1, **kw)
+
+
+def test_mixture_sources_share_one_tokenizer_trained_on_all_of_them(tmp_path):
+    rng = random.Random(4)
+    for name, n in (("web", 30), ("code", 10)):
+        (tmp_path / name).mkdir()
+        for k in range(n):
+            (tmp_path / name / f"{k}.txt").write_text(make_doc(rng, 20) + HARD[k % len(HARD)])
+    cfg = mix_config(tmp_path / "cache", (str(tmp_path / "web"), 0.7), (str(tmp_path / "code"), 3))
+    paths = data.prepare_sources(cfg, vocab_size=400)
+    metas = [json.loads((p / "meta.json").read_text()) for p in paths]
+    assert metas[0]["tokenizer_sha256"] == metas[1]["tokenizer_sha256"]
+    assert [m["num_files"] for m in metas] == [30, 10]
+    assert len(list((tmp_path / "cache").glob("tokenizer-*.model"))) == 1
+
+    td = data.open_training_data(paths, cfg, seq_len=16, vocab_size=400, seed=0)
+    assert [s.name for s in td.sources] == ["web", "code"]
+    assert td.tokenizer_sha256 == metas[0]["tokenizer_sha256"]
+    assert [s["weight"] for s in td.identity["sources"]] == [0.7, 3.0]
+    sizes = td.source_sizes()
+    web = load_dataset(paths[0], cfg, seq_len=16)
+    code = load_dataset(paths[1], cfg, seq_len=16)
+    assert sizes == {"web": len(web), "code": len(code)}
+    ids = td.sampler.next_indices(32, 0, 1)
+    batch = td.train.get_batch(ids)
+    for row, i in enumerate(ids):
+        ds, j = (web, i) if i < len(web) else (code, i - len(web))
+        assert batch["input_ids"][row].tolist() == ds.get_batch([j])["input_ids"][0].tolist()
+    assert sum(td.samples_per_source(32).values()) == 32
+    assert len(td.val) > 0 and td.val.get_batch([0, 1])["input_ids"].shape == (2, 16)
+
+
+def test_bad_mixtures_are_one_line_naming_the_source(tmp_path, prepared):
+    corpus, first, _ = prepared
+    with pytest.raises(ValueError, match=r"data.mix\[1\].source='/nonexistent' does not exist"):
+        data.prepare_sources(mix_config(tmp_path, (str(corpus), 1), ("/nonexistent", 1)),
+                             vocab_size=512)
+    other = tmp_path / "other"
+    (tmp_path / "o.txt").write_text(make_doc(random.Random(8), 200))
+    prepare_dir([str(tmp_path / "o.txt")], other, opts(), vocab_size=300)
+    with pytest.raises(ValueError, match=r"data.mix\[1\].source=.* was prepared with another "
+                                         r"tokenizer"):
+        data.prepare_sources(mix_config(tmp_path, (str(first), 1), (str(other), 1)),
+                             vocab_size=512)

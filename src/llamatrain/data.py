@@ -21,21 +21,39 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llamatrain.config import DataConfig
-from llamatrain.data_prepare import EMPTY, FORMATS, STDLIB, PrepareOptions, build, collect_files
-from llamatrain.sampler import GlobalSampler
+from llamatrain.data_prepare import (
+    EMPTY,
+    FORMATS,
+    STDLIB,
+    PrepareOptions,
+    build,
+    collect_files,
+    get_tokenizer,
+)
+from llamatrain.sampler import GlobalSampler, MixtureSampler
 from llamatrain.tokenizer import TRAINER_SETTINGS, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GlobalSampler", "PretrainDataset", "SFTDataset", "load_dataset", "prepare_source"]
+__all__ = [
+    "GlobalSampler",
+    "MixtureSampler",
+    "PretrainDataset",
+    "SFTDataset",
+    "TrainingData",
+    "load_dataset",
+    "open_training_data",
+    "prepare_source",
+    "prepare_sources",
+]
 
 IGNORE_INDEX = -100
 # Bump when the shard layout or tokenisation changes, so old cache entries are not reused.
@@ -59,7 +77,7 @@ def read_meta(path: Path) -> dict:
     return json.loads(meta_path.read_text())
 
 
-def _source_identity(source: str) -> dict[str, Any]:
+def _source_identity(source: str, *, key: str = "data.source") -> dict[str, Any]:
     """What names a source in the cache key: the stdlib by interpreter, a path by its top-level
     stat. Edits deep inside a directory are not seen (walking a huge corpus on every rank would
     cost more than it saves); delete the cache entry after changing files in place."""
@@ -68,7 +86,7 @@ def _source_identity(source: str) -> dict[str, Any]:
     p = Path(source).expanduser()
     if not p.exists():
         raise ValueError(
-            f"data.source={source!r} does not exist; allowed: {STDLIB}, or a file or directory"
+            f"{key}={source!r} does not exist; allowed: {STDLIB}, or a file or directory"
         )
     st = p.stat()
     return {"source": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -430,6 +448,206 @@ def load_dataset(
             "too few for one sample; allowed: a shorter seq_len or a larger source"
         )
     return ds
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of a run: its name (metrics, report), where it is, its weight."""
+
+    name: str
+    source: str
+    weight: float
+    key: str  # the config key that names it, for error messages
+
+
+def run_sources(cfg: DataConfig) -> list[Source]:
+    """The sources of a run: data.mix, or data.source as a mixture of one."""
+    if not cfg.mix:
+        return [Source(_default_name(cfg.source), cfg.source, 1.0, "data.source")]
+    sources, seen = [], set()
+    for i, m in enumerate(cfg.mix):
+        name = m.name or _default_name(m.source)
+        if name in seen:
+            name = f"{name}-{i}"
+        seen.add(name)
+        sources.append(Source(name, m.source, m.weight, f"data.mix[{i}].source"))
+    return sources
+
+
+def _default_name(source: str) -> str:
+    return source if source == STDLIB else Path(source).expanduser().name or source
+
+
+def _prepared(source: str) -> Path | None:
+    p = Path(source).expanduser()
+    return p if source != STDLIB and (p / "meta.json").is_file() else None
+
+
+def shared_tokenizer(cfg: DataConfig, sources: list[Source], *, vocab_size: int) -> str:
+    """The tokenizer every source of a mixture is prepared with: data.tokenizer; else the one the
+    first prepared source was made with; else one trained once on a sample of all the sources'
+    files, kept in the cache (several processes may train it at once: the same bytes)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    for s in sources:
+        if (path := _prepared(s.source)) is not None:
+            return str(path / "tokenizer.model")
+    key = {
+        "version": CACHE_VERSION,
+        "sources": [_source_identity(s.source, key=s.key) for s in sources],
+        "format": cfg.format,
+        "text_key": cfg.text_key,
+        "vocab_size": vocab_size,
+        "sample": cfg.tokenizer_sample,
+        "settings": TRAINER_SETTINGS,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cfg.cache_dir).expanduser()
+    path = cache / f"tokenizer-{digest}.model"
+    if not path.is_file():
+        files = [f for s in sources for f in collect_files([s.source], key=s.key)]
+        tok = get_tokenizer(files, _options(cfg), tokenizer="", vocab_size=vocab_size)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{path.name}{TMP_TAG}{socket.gethostname()}-{os.getpid()}"
+        tok.save(tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def prepare_sources(cfg: DataConfig, *, vocab_size: int) -> list[Path]:
+    """Prepared directory of every source of the run, all made with one tokenizer."""
+    sources = run_sources(cfg)
+    if len(sources) == 1:
+        return [prepare_source(replace(cfg, source=sources[0].source, mix=[]),
+                               vocab_size=vocab_size)]
+    for s in sources:
+        _source_identity(s.source, key=s.key)  # a missing source first, before any work
+    tokenizer = shared_tokenizer(cfg, sources, vocab_size=vocab_size)
+    sha = load_tokenizer(tokenizer).sha256
+    paths = []
+    for s in sources:
+        prepared = _prepared(s.source)
+        if prepared is not None and read_meta(prepared)["tokenizer_sha256"] != sha:
+            raise ValueError(
+                f"{s.key}={s.source!r} was prepared with another tokenizer (sha256 "
+                f"{read_meta(prepared)['tokenizer_sha256'][:12]}) than the mixture's "
+                f"{tokenizer!r} (sha256 {sha[:12]}); allowed: sources prepared with one "
+                "tokenizer (prepare --tokenizer MODEL)"
+            )
+        paths.append(prepare_source(replace(cfg, source=s.source, tokenizer=tokenizer, mix=[]),
+                                    vocab_size=vocab_size))
+    return paths
+
+
+class MixtureDataset:
+    """Several sources' datasets as one: sample offsets[i] + j is sample j of source i."""
+
+    def __init__(self, datasets: list[PretrainDataset | SFTDataset]) -> None:
+        self.datasets = datasets
+        self.offsets = np.cumsum([0] + [len(d) for d in datasets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        import torch
+
+        ids = np.asarray(indices, dtype=np.int64)
+        if len(ids) and not (ids.min() >= 0 and ids.max() < len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)})")
+        src = np.searchsorted(self.offsets, ids, side="right") - 1
+        out: dict[str, torch.Tensor] = {}
+        for s in np.unique(src):
+            rows = np.flatnonzero(src == s)
+            part = self.datasets[s].get_batch((ids[rows] - self.offsets[s]).tolist())
+            for k, v in part.items():
+                if k not in out:
+                    out[k] = torch.empty((len(ids), *v.shape[1:]), dtype=v.dtype)
+                out[k][torch.from_numpy(rows)] = v
+        return out
+
+
+class OrderedView:
+    """A dataset read in a sampler's order: item p is dataset[order.indices_at([p])]. The
+    validation split of a mixture: its first samples are drawn in the training proportions."""
+
+    def __init__(self, dataset: MixtureDataset, order: MixtureSampler) -> None:
+        self.dataset, self.order = dataset, order
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.dataset.get_batch(self.order.indices_at(indices).tolist())
+
+
+@dataclass
+class TrainingData:
+    """What the trainer reads: the training and validation data of its sources, the sampler of
+    the training order, and what identifies the data (for a resume to compare)."""
+
+    sources: list[Source]
+    paths: list[Path]
+    train: PretrainDataset | SFTDataset | MixtureDataset
+    val: PretrainDataset | SFTDataset | OrderedView
+    sampler: GlobalSampler | MixtureSampler
+    tokenizer_sha256: str
+    identity: dict[str, Any]
+
+    def samples_per_source(self, consumed: int) -> dict[str, int]:
+        """Training samples each source has given in the first `consumed` of the order."""
+        if isinstance(self.sampler, MixtureSampler):
+            counts = self.sampler.samples_per_source(consumed)
+        else:
+            counts = [consumed]
+        return {s.name: n for s, n in zip(self.sources, counts, strict=True)}
+
+    def source_sizes(self) -> dict[str, int]:
+        if isinstance(self.train, MixtureDataset):
+            sizes = [len(d) for d in self.train.datasets]
+        else:
+            sizes = [len(self.train)]
+        return {s.name: n for s, n in zip(self.sources, sizes, strict=True)}
+
+
+def open_training_data(
+    paths: list[Path], cfg: DataConfig, *, seq_len: int, vocab_size: int, seed: int
+) -> TrainingData:
+    """The prepared sources of a run (prepare_sources' paths) as datasets and a sampler."""
+    sources = run_sources(cfg)
+    metas = [read_meta(p) for p in paths]
+    shas = {m["tokenizer_sha256"] for m in metas}
+    if len(shas) > 1:
+        raise ValueError(f"data.mix: the sources were prepared with {len(shas)} different "
+                         "tokenizers; allowed: one")
+    train = [load_dataset(p, cfg, seq_len=seq_len, split="train", vocab_size=vocab_size)
+             for p in paths]
+    val = [load_dataset(p, cfg, seq_len=seq_len, split="val", vocab_size=vocab_size)
+           for p in paths]
+    identity = {"sources": [
+        {"name": s.name, "weight": s.weight,
+         "meta_sha256": hashlib.sha256((p / "meta.json").read_bytes()).hexdigest()}
+        for s, p in zip(sources, paths, strict=True)]}
+    common = dict(sources=sources, paths=list(paths), tokenizer_sha256=shas.pop(),
+                  identity=identity)
+    if len(paths) == 1:
+        return TrainingData(train=train[0], val=val[0],
+                            sampler=GlobalSampler(num_samples=len(train[0]), seed=seed), **common)
+    names = [s.name for s in sources]
+    sampler = MixtureSampler([len(d) for d in train], [s.weight for s in sources], seed=seed,
+                             names=names)
+    has_val = [i for i, d in enumerate(val) if len(d)]
+    if has_val:
+        val_order = MixtureSampler([len(val[i]) for i in has_val],
+                                   [sources[i].weight for i in has_val], seed=seed,
+                                   names=[names[i] for i in has_val])
+        val_data: Any = OrderedView(MixtureDataset([val[i] for i in has_val]), val_order)
+    else:
+        val_data = val[0]  # empty: the trainer skips validation
+    return TrainingData(train=MixtureDataset(train), val=val_data, sampler=sampler, **common)
 
 
 # ---------------------------------------------------------------- CLI
