@@ -554,3 +554,66 @@ def test_bad_mixtures_are_one_line_naming_the_source(tmp_path, prepared):
                                          r"tokenizer"):
         data.prepare_sources(mix_config(tmp_path, (str(first), 1), (str(other), 1)),
                              vocab_size=512)
+
+
+# ---------------------------------------------------------------- parquet
+
+
+def write_parquet(path: Path, columns: dict, *, row_group_size: int = 7) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+
+
+def test_parquet_documents_round_trip_exactly_reading_only_the_text_column(
+    tmp_path, monkeypatch, prepared
+):
+    _, first, _ = prepared
+    rng = random.Random(6)
+    texts = [make_doc(rng, rng.randint(1, 5)) + HARD[k % len(HARD)] for k in range(40)]
+    texts[9] = ""  # an empty document: counted, not stored
+    write_parquet(tmp_path / "web.parquet",
+                  {"id": list(range(40)), "body": texts, "url": ["u"] * 40})
+    monkeypatch.setattr(data_prepare, "PARQUET_ROWS", 5)
+    items = list(data_prepare.read_items(tmp_path / "web.parquet", 0, fields=("body",)))
+    assert all(set(item.rows) == {"body"} for item in items)
+    assert [len(item.rows["body"]) for item in items] == [5] * 8 + [0]  # streamed, not whole
+
+    out = tmp_path / "out"
+    meta = prepare_dir([str(tmp_path / "web.parquet")], out, opts(text_key="body", workers=2),
+                       tokenizer=str(first / "tokenizer.model"))
+    assert documents(out, "train") == [t for t in texts if t]
+    assert meta["num_empty_documents"] == 1 and meta["skipped"] == []
+
+
+def test_sft_reads_prompt_and_response_columns_of_parquet(tmp_path, prepared):
+    _, first, _ = prepared
+    write_parquet(tmp_path / "chat.parquet",
+                  {"prompt": ["2+2?", "name?"], "response": ["4", "llama"]})
+    out = tmp_path / "out"
+    prepare_dir([str(tmp_path / "chat.parquet")], out, opts(format="sft"),
+                tokenizer=str(first / "tokenizer.model"))
+    ds = load_dataset(out, DataConfig(format="sft"), seq_len=32)
+    batch = ds.get_batch([0])
+    answer = batch["labels"][0][batch["labels"][0] != data.IGNORE_INDEX].tolist()
+    tok = ds.tokenizer
+    assert answer == [*tok.encode("4"), tok.eos_id, *tok.encode("llama"), tok.eos_id]
+
+
+def test_bad_parquet_inputs_are_skipped_with_one_line_each(tmp_path, capsys, prepared):
+    _, first, _ = prepared
+    write_parquet(tmp_path / "a.parquet", {"text": ["return value"]})
+    write_parquet(tmp_path / "b.parquet", {"content": ["x"]})
+    write_parquet(tmp_path / "c.parquet", {"text": ["print total", None]})
+    (tmp_path / "d.parquet").write_bytes(b"PAR1 not really parquet")
+    args = ["prepare", "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1",
+            "--tokenizer", str(first / "tokenizer.model")]
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"skipped {tmp_path / 'b.parquet'}: no column 'text' (columns: content); set " \
+           "data.text_key" in err
+    assert f"skipped {tmp_path / 'c.parquet'}: row 2: expected string column(s) 'text', " \
+           "found NoneType" in err
+    assert any(line.startswith(f"skipped {tmp_path / 'd.parquet'}: cannot read: ") for line in err)
+    assert documents(tmp_path / "out", "train") == ["return value"]

@@ -1,10 +1,17 @@
 """Corpus -> token shards: find the input files, sample them to train the tokenizer, tokenise every
 document on all workers, and write shards plus meta.json into a fresh directory.
 
+Inputs are text files (one document each), .jsonl records (`text_key`, or prompt/response for
+SFT) and parquet files (the same names as columns), text and .jsonl optionally .gz or .zst. Every
+file is streamed: blocks of text, row batches of parquet, so memory is bounded by the block size,
+not the file size; a text document longer than a block is tokenised in pieces cut after newlines.
+
 Documents are tokenised in a fixed order (inputs as given, directories sorted) and written in that
 order, so the output is byte-identical whatever the number of workers. A file that cannot be read
-as UTF-8 text (or JSON lines) is rolled back and listed in meta.json's `skipped`; nothing else is
-lost. Publishing the directory atomically is the caller's job (see data.py).
+(a dangling or looping symlink, one gone mid-run, a truncated archive) or is not what its format
+promises (not UTF-8, bad JSON, a missing column) is rolled back and listed in meta.json's
+`skipped`; nothing else is lost. Publishing the directory atomically is the caller's job (see
+data.py).
 """
 
 from __future__ import annotations
@@ -122,6 +129,15 @@ def is_jsonl(path: Path) -> bool:
     return _base_name(path).endswith(".jsonl")
 
 
+def is_parquet(path: Path) -> bool:
+    return path.name.endswith(".parquet")
+
+
+def record_fields(opts: PrepareOptions) -> tuple[str, ...]:
+    """Fields of a .jsonl record or columns of a parquet file that hold a document."""
+    return ("prompt", "response") if opts.format == "sft" else (opts.text_key,)
+
+
 def _blocks(path: Path) -> Iterator[bytes]:
     """The file's bytes, decompressed, in blocks of up to TASK_BYTES."""
     with open(path, "rb") as raw:
@@ -164,14 +180,29 @@ class Item:
     opens: bool = True
     closes: bool = True
     doc_hash: int | None = None
+    # Rows of a parquet file: column -> values, already read by pyarrow (data is then empty).
+    rows: dict[str, list] | None = None
+    rows_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + self.rows_bytes
 
 
-def read_items(path: Path, file_index: int) -> Iterator[Item]:
+# Rows per parquet piece: pyarrow reads one row group at a time and hands out this many rows.
+PARQUET_ROWS = 1024
+
+
+def read_items(path: Path, file_index: int, *, fields: tuple[str, ...] = ("text",)
+               ) -> Iterator[Item]:
     """A file's pieces in order; the last one has last=True. Read errors become an error item.
 
-    Memory is bounded by the block size, not the file size, for every kind of file.
+    Memory is bounded by the block size (a row group for parquet), not the file size.
     """
     try:
+        if is_parquet(path):
+            yield from _parquet_items(path, file_index, fields)
+            return
         if not is_jsonl(path):
             yield from _text_items(path, file_index)
             return
@@ -196,6 +227,31 @@ def read_items(path: Path, file_index: int) -> Iterator[Item]:
         yield pending
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
+
+
+def _parquet_items(path: Path, file_index: int, fields: tuple[str, ...]) -> Iterator[Item]:
+    """The document columns of a parquet file, streamed row group by row group."""
+    import pyarrow as pa  # only where there is parquet to read
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        with pq.ParquetFile(path) as pf:
+            names = pf.schema_arrow.names
+            missing = [f for f in fields if f not in names]
+            if missing:
+                yield Item(file_index, b"", last=True, error=(
+                    f"no column {missing[0]!r} (columns: {', '.join(names)}); set data.text_key"))
+                return
+            for batch in pf.iter_batches(batch_size=PARQUET_ROWS, columns=list(fields)):
+                rows = batch.to_pydict()
+                size = sum(len(v) for col in rows.values() for v in col if isinstance(v, str))
+                yield Item(file_index, b"", first_line=row, rows=rows, rows_bytes=size)
+                row += batch.num_rows
+    except pa.ArrowException as e:
+        yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
+        return
+    yield Item(file_index, b"", first_line=row, last=True, rows={f: [] for f in fields})
 
 
 def _text_items(path: Path, file_index: int) -> Iterator[Item]:
@@ -261,6 +317,17 @@ class DocumentError(Exception):
 
 def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list:
     """Documents of a piece: str for pretraining, (prompt, response) for SFT."""
+    keys = ("prompt", "response") if fmt == "sft" else (text_key,)
+    if item.rows is not None:
+        docs = []
+        for i, values in enumerate(zip(*(item.rows[k] for k in keys), strict=True)):
+            if not all(isinstance(v, str) for v in values):
+                wanted = ", ".join(repr(k) for k in keys)
+                found = ", ".join(type(v).__name__ for v in values)
+                raise DocumentError(f"row {item.first_line + i + 1}: expected string column(s) "
+                                    f"{wanted}, found {found}")
+            docs.append(values if fmt == "sft" else values[0])
+        return docs
     try:
         text = item.data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -271,7 +338,9 @@ def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list
         raise DocumentError(f"not valid UTF-8 ({where}: {e.reason})") from None
     if not jsonl:
         if fmt == "sft":
-            raise DocumentError('sft needs .jsonl lines of {"prompt": ..., "response": ...}')
+            raise DocumentError(
+                'sft needs .jsonl lines of {"prompt": ..., "response": ...} or parquet columns'
+            )
         return [text]
     docs: list = []
     for i, line in enumerate(text.split("\n")):
@@ -282,7 +351,6 @@ def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DocumentError(f"{where}: invalid JSON ({e.msg})") from None
-        keys = ("prompt", "response") if fmt == "sft" else (text_key,)
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in keys):
             wanted = ", ".join(repr(k) for k in keys)
             raise DocumentError(f"{where}: expected a JSON object with string field(s) {wanted}")
@@ -301,7 +369,7 @@ def sample_sentences(files: Sequence[Path], opts: PrepareOptions) -> list[str]:
     sample: list[str] = []
     for k in order:
         path, taken = files[k], 0
-        for item in read_items(path, k):
+        for item in read_items(path, k, fields=record_fields(opts)):
             if item.error:
                 break
             try:
@@ -383,7 +451,7 @@ def encode_task(items: list[Item]) -> list[ItemResult]:
 def encode_item(item: Item) -> ItemResult:
     tok: Tokenizer = _worker["tok"]
     opts: PrepareOptions = _worker["opts"]
-    res = ItemResult(item.file_index, item.last, len(item.data), error=item.error)
+    res = ItemResult(item.file_index, item.last, item.size, error=item.error)
     if item.error:
         return res
     try:
@@ -525,14 +593,15 @@ class Totals:
         return Totals(dict(self.num_tokens), dict(self.num_documents), self.num_empty)
 
 
-def _tasks(files: Sequence[Path], abandoned: set[int]) -> Iterator[list[Item]]:
+def _tasks(files: Sequence[Path], fields: tuple[str, ...], abandoned: set[int]
+           ) -> Iterator[list[Item]]:
     """Items grouped into tasks of about TASK_BYTES, in file order."""
     task: list[Item] = []
     size = 0
     for k, path in enumerate(files):
-        for item in read_items(path, k):
+        for item in read_items(path, k, fields=fields):
             task.append(item)
-            size += len(item.data)
+            size += item.size
             if size >= TASK_BYTES:
                 yield task
                 task, size = [], 0
@@ -556,12 +625,12 @@ def _results(files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, abando
     n = opts.num_workers()
     if n == 1:
         init_worker(*init)
-        for task in _tasks(files, abandoned):
+        for task in _tasks(files, record_fields(opts), abandoned):
             yield from encode_task(task)
         return
     with multiprocessing.get_context(_start_method()).Pool(n, init_worker, init) as pool:
         pending: deque = deque()
-        tasks = _tasks(files, abandoned)
+        tasks = _tasks(files, record_fields(opts), abandoned)
         while True:
             # A bounded window keeps memory flat when reading outruns tokenising.
             while len(pending) < 4 * n and (task := next(tasks, None)) is not None:
