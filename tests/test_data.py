@@ -617,3 +617,59 @@ def test_bad_parquet_inputs_are_skipped_with_one_line_each(tmp_path, capsys, pre
            "found NoneType" in err
     assert any(line.startswith(f"skipped {tmp_path / 'd.parquet'}: cannot read: ") for line in err)
     assert documents(tmp_path / "out", "train") == ["return value"]
+
+
+# ---------------------------------------------------------------- parts and merge
+
+
+def test_parts_then_merge_equal_a_one_process_prepare_token_for_token(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus)
+    write_parquet(corpus / "z.parquet", {"text": ["from a parquet file", "second row"]})
+    common = ["--vocab-size", "400", "--workers", "1", "--val-fraction", "0.2"]
+    one = tmp_path / "one"
+    assert main(["prepare", "--input", str(corpus), "--out", str(one), *common]) == 0
+    parted = tmp_path / "parted"
+    for part in (2, 0, 1, 3):  # any order, as array tasks finish
+        args = ["prepare", "--input", str(corpus), "--out", str(parted), "--part", f"{part}/4"]
+        assert main([*args, *common]) == 0
+    assert main(["prepare", "--merge", str(parted)]) == 0
+    # A failed task is rerun alone: its part is replaced, the result is the same.
+    args = ["prepare", "--input", str(corpus), "--out", str(parted), "--part", "1/4"]
+    assert main([*args, *common]) == 0
+    assert main(["prepare", "--merge", str(parted)]) == 0
+    capsys.readouterr()
+
+    assert (one / "tokenizer.model").read_bytes() == (parted / "tokenizer.model").read_bytes()
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(one, split), read_split(parted, split))
+    a, b = (json.loads((d / "meta.json").read_text()) for d in (one, parted))
+    for key in ("num_tokens", "num_documents", "num_files", "skipped", "num_empty_documents",
+                "tokenizer_sha256", "inputs"):
+        assert a[key] == b[key], key
+    assert b["parts"] == 4
+    parts = sorted(p.name for p in (parted / "parts").iterdir())
+    assert parts == [f"part-0000{i}-of-00004" for i in range(4)]
+    ds = load_dataset(parted, DataConfig(), seq_len=16, vocab_size=400)
+    assert ds.get_batch([0])["input_ids"].tolist() == \
+        load_dataset(one, DataConfig(), seq_len=16).get_batch([0])["input_ids"].tolist()
+
+
+def test_merge_names_missing_parts_and_bad_part_arguments_are_one_line(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(make_doc(random.Random(1), 300))
+    out = str(tmp_path / "out")
+    common = ["--input", str(tmp_path / "a.txt"), "--out", out, "--vocab-size", "300"]
+    assert main(["prepare", *common, "--part", "0/3", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["prepare", "--merge", out]) == 2
+    assert main(["prepare", *common, "--part", "3/3"]) == 2
+    assert main(["prepare", "--merge", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"error: --merge='{out}': part(s) 1, 2 of 3 not finished; rerun them (prepare --part I/3, "
+        "or those array tasks)",
+        "error: --part='3/3'; allowed: I/N with 0 <= I < N (e.g. 0/8)",
+        f"error: --merge='{tmp_path / 'nothing'}' has no finished parts in "
+        f"'{tmp_path / 'nothing' / 'parts'}'; run prepare --part I/N first",
+    ]
+    assert not (tmp_path / "out" / "meta.json").exists()

@@ -1,13 +1,20 @@
-"""The data API of the trainer: prepare a `data.source` once into the cache, load its token shards
-as a dataset of fixed-length samples, and hand them out through the GlobalSampler.
+"""The data API of the trainer: prepare a run's sources once into the cache (one `data.source`, or
+a weighted `data.mix`), load their token shards as datasets of fixed-length samples, and hand them
+out in the samplers' order.
 
 A pretraining sample i is the window of seq_len + 1 tokens starting at token i * seq_len of the
 split, packed across document boundaries as the paper does. An SFT sample packs whole examples
 (BOS prompt <sep> response EOS) back to back into seq_len + 1 tokens and pads the rest; its labels
 are -100 on the prompt, the separator and padding, so the loss covers answer tokens only (§3.1).
 
-CLI: `python -m llamatrain.data prepare --input PATH [PATH ...] --out DIR
-[--tokenizer MODEL | --vocab-size N] [--workers N]`.
+CLI:
+  python -m llamatrain.data prepare --input PATH [PATH ...] --out DIR
+      [--tokenizer MODEL | --vocab-size N] [--workers N] [--text-key KEY] ...
+  python -m llamatrain.data prepare --input PATH [PATH ...] --out DIR --part I/N ...
+  python -m llamatrain.data prepare --merge DIR
+The --part form tokenises share I of N of the files (an array task of launch/prepare.sbatch);
+--merge then writes DIR/meta.json, after which DIR is the same token stream as a one-process
+prepare of the same inputs.
 """
 
 from __future__ import annotations
@@ -34,8 +41,12 @@ from llamatrain.data_prepare import (
     STDLIB,
     PrepareOptions,
     build,
+    build_part,
     collect_files,
     get_tokenizer,
+    merge,
+    parse_part,
+    publish,
 )
 from llamatrain.sampler import GlobalSampler, MixtureSampler
 from llamatrain.tokenizer import TRAINER_SETTINGS, Tokenizer, load_tokenizer
@@ -653,17 +664,6 @@ def open_training_data(
 # ---------------------------------------------------------------- CLI
 
 
-def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
-    """Rename the finished tmp to out, replacing an old out only when asked."""
-    if out.exists() and overwrite:
-        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash)
-    else:
-        os.rename(tmp, out)  # onto an empty directory too; anything else was refused earlier
-
-
 def prepare_dir(
     inputs: list[str],
     out: Path,
@@ -693,20 +693,27 @@ def prepare_dir(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llamatrain.data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llamatrain.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenise a corpus into token shards")
-    p.add_argument("--input", nargs="+", required=True, help=f"files, directories or {STDLIB}")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--input", nargs="+", help=f"files, directories or {STDLIB}")
+    p.add_argument("--out", type=Path, help="output directory")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default="", help="existing SentencePiece model to use")
     tok.add_argument("--vocab-size", type=int, default=32_000, help="train a tokenizer this big")
     p.add_argument("--workers", type=int, default=0, help="tokenising processes; 0 = all cores")
     p.add_argument("--format", default="pretrain", choices=FORMATS)
-    p.add_argument("--text-key", default="text", help="JSON field of a .jsonl document")
+    p.add_argument("--text-key", default="text",
+                   help="JSON field of a .jsonl document, column of a parquet file")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--tokenizer-sample", type=int, default=200_000, help="lines to train on")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared --out")
+    p.add_argument("--part", metavar="I/N",
+                   help="tokenise share I (0-based) of N of the files into OUT/parts/ (one task "
+                        "of a SLURM array); --merge OUT then completes OUT")
+    p.add_argument("--merge", type=Path, metavar="DIR",
+                   help="write DIR/meta.json from the finished parts of DIR")
     args = parser.parse_args(argv)
     opts = PrepareOptions(
         format=args.format,
@@ -716,6 +723,24 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_sample=args.tokenizer_sample,
     )
     try:
+        if args.merge is not None:
+            if args.input or args.part:
+                raise ValueError("--merge DIR takes no --input or --part; it reads DIR/parts")
+            meta = merge(args.merge.expanduser())
+            _print_summary(args.merge, meta)
+            return 0
+        if not args.input or args.out is None:
+            raise ValueError("--input and --out: required (or --merge DIR)")
+        if args.part:
+            part, num_parts = parse_part(args.part)
+            info = build_part(args.input, args.out.expanduser(), opts, part=part,
+                              num_parts=num_parts, tokenizer=args.tokenizer,
+                              vocab_size=args.vocab_size)
+            lo, hi = info["files"]
+            print(f"{args.out}: part {part}/{num_parts}: files {lo}-{hi} of "
+                  f"{info['num_files_total']}, {sum(info['num_tokens'].values()):,} tokens, "
+                  f"{len(info['skipped'])} files skipped")
+            return 0
         meta = prepare_dir(
             args.input,
             args.out,
@@ -727,6 +752,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _print_summary(args.out, meta)
+    return 0
+
+
+def _print_summary(out: Path, meta: dict) -> None:
     bad = [s for s in meta["skipped"] if s["reason"] != EMPTY]
     for s in bad[:20]:
         print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
@@ -736,11 +766,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {len(meta['skipped']) - len(bad)} empty files", file=sys.stderr)
     sp = meta["splits"]
     print(
-        f"{args.out}: {meta['num_tokens']:,} tokens ({meta['dtype']}), {meta['num_documents']:,} "
+        f"{out}: {meta['num_tokens']:,} tokens ({meta['dtype']}), {meta['num_documents']:,} "
         f"documents (train {sp['train']['num_documents']:,}, val {sp['val']['num_documents']:,}), "
         f"{len(meta['skipped'])} files skipped"
     )
-    return 0
 
 
 if __name__ == "__main__":
