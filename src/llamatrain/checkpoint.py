@@ -1,11 +1,16 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout under `<run.dir>/checkpoints/`: `step-<N>/` holds the DCP files of the model and optimizer,
-`trainer.json` (step, tokens seen, sampler position, the schedule's step, and what saved it) and
-`rng-<rank>.pt`; `latest` names the newest complete step. A save is written into
-`.tmp-step-<N>/`, published by one rename, and only then does `latest` move (itself replaced
-atomically), so a crash at any moment leaves the previous checkpoint loadable. DCP reshards on load:
-a checkpoint written by W ranks loads on any other number.
+`rng-<rank>.pt` (tensors only) and `trainer.json`: step, tokens seen, sampler position, the run's
+identity (llamatrain.identity) and the SHA-256 of every other file. `latest` names the newest
+complete step. A save is written into `.tmp-step-<N>/`, trainer.json last, published by one rename,
+and only then does `latest` move (itself replaced atomically), so a crash at any moment leaves the
+previous checkpoint loadable. DCP reshards on load: a checkpoint written by W ranks loads on any
+other number.
+
+A checkpoint directory is untrusted input: nothing in it is unpickled (llamatrain.safe_dcp), its
+checksums are verified before it is loaded, a checkpoint of another run is refused, and only
+checkpoints of this run are ever deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -35,7 +41,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from llamatrain import safe_dcp
 from llamatrain.config import CheckpointConfig
+from llamatrain.identity import differences
 
 TRAINER_STATE = "trainer.json"
 # Files each rank writes in parallel: one writer thread leaves fast disks half idle while it
@@ -45,7 +53,11 @@ WRITE_THREADS = 4
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+class ResumeRefused(ValueError):
+    """The run directory holds checkpoints this run must not continue from or train over."""
+
+
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -55,32 +67,54 @@ def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
 
 
-def _writer(path: Path) -> dcp.FileSystemWriter:
-    return dcp.FileSystemWriter(str(path), thread_count=WRITE_THREADS)
-
-
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
 
 
-def candidates(ckpt_dir: Path) -> list[Path]:
+def step_dirs(ckpt_dir: Path) -> list[Path]:
+    """Every `step-<N>` directory, complete or not, newest first."""
+    return sorted((p for p in ckpt_dir.glob("step-*")
+                   if re.fullmatch(r"step-\d+", p.name) and p.is_dir()),
+                  key=_step_of, reverse=True)
+
+
+def candidates(ckpt_dir: Path, log=print) -> list[Path]:
     """Complete checkpoints, newest first, starting from the one `latest` names."""
-    steps = sorted(
-        (p for p in ckpt_dir.glob("step-*") if p.name.removeprefix("step-").isdigit()),
-        key=_step_of,
-        reverse=True,
-    )
+    steps = step_dirs(ckpt_dir)
     latest_file = ckpt_dir / "latest"
     if latest_file.is_file():
-        named = ckpt_dir / latest_file.read_text().strip()
-        steps = [named] + [p for p in steps if p != named and _step_of(p) < _step_of(named)]
+        name = latest_file.read_bytes()[:100].decode(errors="replace").strip()
+        named = ckpt_dir / name
+        if re.fullmatch(r"step-\d+", name) and named.is_dir():
+            steps = [named] + [p for p in steps if p != named and _step_of(p) < _step_of(named)]
+        else:
+            log(f"{latest_file} holds {name!r}, not a checkpoint of this directory: ignored; "
+                "using the newest complete checkpoint")
     return [p for p in steps if is_complete(p)]
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    state = json.loads((path / TRAINER_STATE).read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path / TRAINER_STATE}: not a trainer state")
+    return state
 
 
 @dataclass
 class Restored:
     path: Path
     trainer: dict[str, Any]
+
+
+@dataclass
+class _Pending:
+    """A save in flight: written by DCP into `tmp`, published as `final` with `state`."""
+
+    tmp: Path
+    final: Path
+    writer: safe_dcp.ChecksummingWriter
+    state: dict[str, Any]
+    upload: Future | None = None
 
 
 class Checkpointer:
@@ -90,11 +124,14 @@ class Checkpointer:
     background while the next step computes, `before_update` waits for that copy before the
     optimizer changes the state, and the files are written and published behind the loop."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, rank: int, world_size: int):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, rank: int, world_size: int,
+                 identity: dict[str, Any]):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        self._pending: tuple[Future, Path, Path] | None = None
+        # What defines this run; its run_id is adopted from the checkpoint a resume loads.
+        self.identity = identity
+        self._pending: _Pending | None = None
         self._staging: Future | None = None
         self._stager: DefaultStager | None = None
         if cfg.async_save:
@@ -137,20 +174,23 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self._barrier()
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
-        if self.rank == 0:
-            state = dict(trainer_state, saved_world_size=self.world_size, time=time.time())
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
+        state = dict(trainer_state, identity=self.identity, saved_world_size=self.world_size,
+                     time=time.time())
+        pending = _Pending(tmp, final, safe_dcp.ChecksummingWriter(tmp, thread_count=WRITE_THREADS),
+                           state)
         app_state = self._app_state(model, optimizer)
         if self._stager is not None:
-            response = dcp.async_save(app_state, storage_writer=_writer(tmp),
+            response = dcp.async_save(app_state, storage_writer=pending.writer,
                                       process_group=self._group,
                                       async_stager=self._stager,
                                       no_dist=not dist.is_initialized())
             self._staging = response.staging_completion
-            self._pending = (response.upload_completion, tmp, final)
+            pending.upload = response.upload_completion
+            self._pending = pending
         else:
-            dcp.save(app_state, storage_writer=_writer(tmp), no_dist=not dist.is_initialized())
-            self._publish(tmp, final)
+            dcp.save(app_state, storage_writer=pending.writer,
+                     no_dist=not dist.is_initialized())
+            self._publish(pending)
         return time.perf_counter() - start
 
     def before_update(self) -> float:
@@ -170,64 +210,132 @@ class Checkpointer:
 
     def poll(self) -> None:
         """Publish a finished background save (call once per step)."""
-        if self._pending is not None and self._pending[0].done():
+        if self._pending is not None and self._pending.upload.done():
             self.wait()
 
     def wait(self) -> None:
         """Block until a background save, if any, is written and published."""
         if self._pending is None:
             return
-        future, tmp, final = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
         self.before_update()
-        future.result()
-        self._publish(tmp, final, collective=False)
+        pending.upload.result()
+        self._publish(pending, collective=False)
 
-    def _publish(self, tmp: Path, final: Path, *, collective: bool = True) -> None:
-        # DCP's coordinator writes .metadata last, after every rank's data: once rank 0 returns,
-        # the checkpoint is whole, and only rank 0 renames.
+    def _publish(self, pending: _Pending, *, collective: bool = True) -> None:
+        # DCP's coordinator (rank 0) writes .metadata last, after every rank's data, and holds
+        # every file's checksum: once it returns, rank 0 completes the checkpoint with
+        # trainer.json and publishes it by renaming.
         if collective:
             self._barrier()
         if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
+            tmp, final = pending.tmp, pending.final
+            checksums = dict(pending.writer.checksums)
+            for rng in tmp.glob("rng-*.pt"):
+                checksums[rng.name] = safe_dcp.file_sha256(rng)
+            state = dict(pending.state, checksums=checksums)
+            write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=1) + "\n")
+            if final.exists():
+                self._set_aside(final)
             os.replace(tmp, final)
-            _write_atomic(self.dir / "latest", final.name + "\n")
+            write_atomic(self.dir / "latest", final.name + "\n")
             self._prune()
         if collective:
             self._barrier()
 
+    def _ours(self, path: Path) -> bool:
+        """Whether checkpoint `path` was written by this run (same run_id)."""
+        try:
+            saved = read_trainer_state(path).get("identity") or {}
+        except (OSError, ValueError):
+            return False
+        return saved.get("run_id") == self.identity["run_id"]
+
+    def _set_aside(self, path: Path) -> None:
+        """Make room for a new `path`: an old one of this run goes, any other is kept aside."""
+        if self._ours(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.replace(path, path.with_name(f"{path.name}.replaced-{int(time.time())}"))
+
     def _prune(self) -> None:
-        complete = sorted((p for p in self.dir.glob("step-*") if is_complete(p)), key=_step_of)
-        for old in complete[: -self.cfg.keep]:
+        ours = [p for p in step_dirs(self.dir) if is_complete(p) and self._ours(p)]
+        for old in ours[self.cfg.keep:]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.dir.glob(".tmp-step-*"):
-            if self._pending is None or stale != self._pending[1]:
+            if self._pending is None or stale != self._pending.tmp:
                 shutil.rmtree(stale, ignore_errors=True)
+
+    def _check_identity(self, path: Path, trainer: dict[str, Any], log) -> None:
+        saved = trainer.get("identity")
+        if saved is None:
+            log(f"checkpoint {path} records no run identity (an older llamatrain): not compared")
+            return
+        breaking, logged = differences(saved, self.identity)
+        if breaking:
+            raise ResumeRefused(
+                f"run.dir = {str(self.dir.parent)!r} holds another run ({'; '.join(breaking)}): "
+                "start a new run with another run.dir, or load only its weights with "
+                f"--checkpoint.init_from={path}")
+        if logged:
+            log(f"resuming {path.name} with changed settings: {'; '.join(logged)}")
+        self.identity["run_id"] = saved["run_id"]
 
     def restore(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, log=print
     ) -> Restored | None:
-        """Load the newest loadable checkpoint; an unreadable one is reported and skipped."""
-        for path in candidates(self.dir):
-            ok = True
+        """Load the newest loadable checkpoint of this run; an unreadable one is reported and
+        the previous one tried. None when there is no checkpoint; ResumeRefused when the
+        checkpoints belong to another run or none of them loads."""
+        existing = step_dirs(self.dir)
+        if not existing:
+            return None
+        tried = []
+        for path in candidates(self.dir, log=log):
+            ok, error = True, ""
             try:
-                app_state = self._app_state(model, optimizer)
-                dcp.load(app_state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-                trainer = json.loads((path / TRAINER_STATE).read_text())
-            except (Exception, CheckpointException) as e:  # any failure to read: try the previous
-                ok = False
-                error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            if not _all_ok(ok):
-                log(f"checkpoint {path} is unreadable ({error if not ok else 'on another rank'})"
-                    "; trying the previous one")
-                continue
-            set_state_dict(model, optimizer, model_state_dict=app_state["model"],
-                           optim_state_dict=app_state["optim"])
+                trainer = read_trainer_state(path)
+            except (OSError, ValueError) as e:
+                ok, error = False, f"{TRAINER_STATE}: {type(e).__name__}: {e}"
+            if _all_ok(ok):
+                self._check_identity(path, trainer, log)
+                ok, error = self._load(path, trainer, model, optimizer, log)
+            if _all_ok(ok):
+                return Restored(path, trainer)
+            reason = error or "on another rank"
+            tried.append(f"{path.name}: {reason}")
+            log(f"checkpoint {path} is unreadable ({reason}); trying the previous one")
+        incomplete = [p.name for p in existing if not is_complete(p)]
+        if incomplete:
+            tried.append(f"incomplete: {', '.join(incomplete)}")
+        raise ResumeRefused(
+            f"run.dir = {str(self.dir.parent)!r} holds checkpoints but none loads "
+            f"({' | '.join(tried)}); not training over them: repair or move "
+            f"{self.dir}, or start a new run with another run.dir")
+
+    def _load(self, path: Path, trainer: dict[str, Any], model: nn.Module,
+              optimizer: torch.optim.Optimizer, log) -> tuple[bool, str]:
+        """Verify and load one checkpoint into model and optimizer: (ok, why not)."""
+        checksums = trainer.get("checksums")
+        if checksums is None:
+            log(f"checkpoint {path} records no checksums (an older llamatrain): not verified")
+        else:
+            problem = safe_dcp.verify(path, checksums, rank=self.rank,
+                                      world_size=self.world_size)
+            if not _all_ok(problem is None):
+                return False, problem or "checksum mismatch on another rank"
+        try:
+            app_state = self._app_state(model, optimizer)
+            safe_dcp.load(app_state, path)
             rng = path / f"rng-{self.rank}.pt"
-            if rng.is_file():
-                _set_rng_state(torch.load(rng, weights_only=False))
-            return Restored(path, trainer)
-        return None
+            rng_state = torch.load(rng, weights_only=True) if rng.is_file() else None
+        except (Exception, CheckpointException) as e:  # any failure to read: try the previous
+            return False, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        set_state_dict(model, optimizer, model_state_dict=app_state["model"],
+                       optim_state_dict=app_state["optim"])
+        if rng_state is not None:
+            _set_rng_state(rng_state)
+        return True, ""
 
 
 def _all_ok(ok: bool) -> bool:
@@ -257,15 +365,30 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def verify_checkpoint(path: Path, key: str) -> None:
+    """Check every file of a checkpoint against the checksums its trainer.json records (a weights
+    -only checkpoint made by `convert` has none); a mismatch is a ValueError naming `key`."""
+    if not (path / TRAINER_STATE).is_file():
+        return
+    try:
+        checksums = read_trainer_state(path).get("checksums") or {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key} = {str(path)!r}: unreadable {TRAINER_STATE} ({e})") from None
+    problem = safe_dcp.verify(path, checksums, rank=0, world_size=1)
+    if problem:
+        raise ValueError(f"{key} = {str(path)!r}: {problem}")
+
+
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Load only the model's weights from a checkpoint (checkpoint.init_from), at any world size."""
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise ValueError(f"checkpoint.init_from = {str(path)!r}: not a checkpoint directory")
+    verify_checkpoint(path, "checkpoint.init_from")
     options = StateDictOptions(strict=True)
     model_sd = get_model_state_dict(model, options=options)
     try:
-        dcp.load({"model": model_sd}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        safe_dcp.load({"model": model_sd}, path)
     except (Exception, CheckpointException) as e:
         reason = str(e).strip().splitlines()[-1][:300]
         raise ValueError(f"checkpoint.init_from = {str(path)!r}: does not fit the [model] "
@@ -283,4 +406,5 @@ def save_model_weights(state_dict: dict[str, torch.Tensor], path: str | Path) ->
 
 def read_model_weights(path: str | Path, template: dict[str, torch.Tensor]) -> None:
     """Fill `template` (plain tensors of the right shapes) from a checkpoint, in one process."""
-    dcp.load({"model": template}, checkpoint_id=str(path), no_dist=True)
+    verify_checkpoint(Path(path), "checkpoint")
+    safe_dcp.load({"model": template}, path, no_dist=True)

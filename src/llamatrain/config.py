@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import sys
 import tomllib
@@ -254,8 +255,21 @@ def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
         raise ValueError(f"{key} = {value!r}: expected a number {bound}")
 
 
+def _finite(cfg: Config) -> None:
+    """inf and nan pass every comparison the checks below make: refuse them first, everywhere."""
+    for section, cls in SECTIONS.items():
+        for key, f in _keys(cls).items():
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section}.{key} = {value!r}: expected a finite number")
+
+
 def validate(cfg: Config) -> Config:
     """Check values for sense; raise ValueError naming the first bad key."""
+    _finite(cfg)
+    if not cfg.run.dir.strip():
+        raise ValueError(f"run.dir = {cfg.run.dir!r}: expected a directory path (it must not be "
+                         "empty: the run would write into the working directory)")
     m, t = cfg.model, cfg.train
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                 "max_seq_len"):
@@ -381,7 +395,9 @@ def to_toml(cfg: Config) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            # JSON's escapes (\n, \", \uXXXX) are TOML's; DEL is the one control character
+            # JSON leaves raw and TOML refuses.
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list):
             tables = ("{ " + ", ".join(f"{k} = {fmt(x)}" for k, x in t.items()) + " }" for t in v)
             return "[" + ", ".join(tables) + "]"

@@ -88,6 +88,17 @@ def read_meta(path: Path) -> dict:
     return json.loads(meta_path.read_text())
 
 
+def dataset_identity(path: str | Path) -> dict[str, Any]:
+    """What tells one prepared dataset from another, for a run's identity: its format, tokenizer
+    and token counts per split (not where its files were read from, so a moved corpus is the
+    same data)."""
+    meta = read_meta(Path(path))
+    return {"format": meta["format"], "tokenizer_sha256": meta["tokenizer_sha256"],
+            "vocab_size": meta["vocab_size"],
+            "splits": {s: {"num_tokens": v["num_tokens"], "num_documents": v["num_documents"]}
+                       for s, v in sorted(meta["splits"].items())}}
+
+
 def _source_identity(source: str, *, key: str = "data.source") -> dict[str, Any]:
     """What names a source in the cache key: the stdlib by interpreter, a path by its top-level
     stat. Edits deep inside a directory are not seen (walking a huge corpus on every rank would
@@ -638,10 +649,13 @@ def open_training_data(
              for p in paths]
     val = [load_dataset(p, cfg, seq_len=seq_len, split="val", vocab_size=vocab_size)
            for p in paths]
-    identity = {"sources": [
-        {"name": s.name, "weight": s.weight,
-         "meta_sha256": hashlib.sha256((p / "meta.json").read_bytes()).hexdigest()}
-        for s, p in zip(sources, paths, strict=True)]}
+    # One source: its dataset identity as it is; a mixture: each source's with its weight (another
+    # weight is another order). Names are left out: renaming a source changes no sample.
+    if len(paths) == 1:
+        identity = dataset_identity(paths[0])
+    else:
+        identity = {"sources": [{"weight": s.weight, **dataset_identity(p)}
+                                for s, p in zip(sources, paths, strict=True)]}
     common = dict(sources=sources, paths=list(paths), tokenizer_sha256=shas.pop(),
                   identity=identity)
     if len(paths) == 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -72,9 +73,11 @@ class MetricsLogger:
         """Drop records past `step` (left by an attempt that died after its last checkpoint)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= step]
+        # Replaced in one rename: a kill during the rewrite leaves the old file whole.
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
     def log(self, rec: dict[str, Any], *, steps_done_this_run: int, step: int) -> None:
         if not self.enabled:
@@ -125,7 +128,24 @@ def _require(module: str, key: str):
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A last line cut short (the writer was killed mid-line) is
+    dropped; a bad line anywhere else is a ValueError naming it."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1)
+             if line.strip()]
+    records = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                print(f"{path}: line {i} is incomplete (a write was cut short): dropped",
+                      file=sys.stderr)
+                break
+            raise ValueError(f"{path}: line {i} is not JSON: {line[:80]!r}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}: line {i} is not a metrics record: {line[:80]!r}")
+        records.append(record)
+    return records
 
 
 def plot_loss(run_dir: str | Path) -> Path:

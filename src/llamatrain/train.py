@@ -5,7 +5,9 @@ Each step reads its slice of the global batch, runs the micro-batches (gradient 
 clips, steps AdamW on the §2.2 schedule and logs; checkpoints are saved every
 `checkpoint.interval` steps and at the end, and a run whose directory holds one resumes from it.
 
-Exit codes: 0 done; 2 bad configuration; 3 too many non-finite losses in a row;
+Exit codes: 0 done; 2 bad configuration, or a run directory this run must not use (held by another
+run, or holding checkpoints of another run, or checkpoints none of which loads); 3 too many
+non-finite losses in a row; 4 disk full; 130 interrupted (SIGINT);
 75 (REQUEUE_EXIT_CODE) a SIGUSR1 or SIGTERM was received, a checkpoint was saved: requeue me.
 torchrun reports any non-zero worker exit as its own exit 1, so a stop for requeue also leaves the
 file `<run.dir>/requeue` (the step and the reason), which launchers read; the next start removes it.
@@ -14,6 +16,7 @@ file `<run.dir>/requeue` (the step and the reason), which launchers read; the ne
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -29,7 +32,7 @@ import torch.distributed as dist
 
 from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
-from llamatrain.checkpoint import Checkpointer, load_model_weights
+from llamatrain.checkpoint import Checkpointer, load_model_weights, write_atomic
 from llamatrain.config import (
     Config,
     TrainConfig,
@@ -42,6 +45,7 @@ from llamatrain.config import (
 )
 from llamatrain.data import open_training_data, prepare_sources
 from llamatrain.flops import mfu as model_flops_utilisation
+from llamatrain.identity import new_run_id, run_identity
 from llamatrain.loader import BatchLoader
 from llamatrain.metrics import (
     MetricsLogger,
@@ -59,10 +63,13 @@ from llamatrain.parallel import (
     materialize,
     parallelize,
 )
+from llamatrain.runlock import RunDirLocked, RunLock
 
 REQUEUE_EXIT_CODE = 75
 REQUEUE_MARKER = "requeue"
 BAD_STEPS_EXIT_CODE = 3
+DISK_FULL_EXIT_CODE = 4
+INTERRUPTED_EXIT_CODE = 130
 IGNORE_INDEX = -100
 
 
@@ -105,9 +112,20 @@ class StopFlag:
     """Set by SIGUSR1/SIGTERM from the first moment of main(), so that a preemption notice that
     arrives while data is prepared or the model built is not lost."""
 
+    FAULT = 1  # `code` of a stop asked for by fault injection; a signal's code is its number
+
     def __init__(self) -> None:
         self.requested = False
-        self.reason = "fault injection"
+        self.signum = 0
+
+    @property
+    def code(self) -> int:
+        """What this rank was asked: 0 nothing, FAULT, or the number of the signal it got."""
+        return self.signum or (self.FAULT if self.requested else 0)
+
+    @staticmethod
+    def reason(code: int) -> str:
+        return "fault injection" if code == StopFlag.FAULT else signal.Signals(code).name
 
     def install(self) -> None:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -115,9 +133,9 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.requested = True
-        self.reason = signal.Signals(signum).name
-        print(f"pid {os.getpid()}: got {self.reason}; saving at the next step boundary",
-              file=sys.stderr, flush=True)
+        self.signum = signum
+        print(f"pid {os.getpid()}: got {signal.Signals(signum).name}; saving at the next step "
+              "boundary", file=sys.stderr, flush=True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -188,6 +206,37 @@ class Trainer:
         self.staging_wait_s = 0.0  # time the loop waited for async checkpoint staging
         self.loader: BatchLoader | None = None  # started at the first step, after a restore
         self.state_bytes: dict[str, int] = {}
+        self.lock = self._lock_run_dir()
+        try:
+            self._setup(cfg, world)
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 takes the run directory for the whole run; every rank stops if it cannot."""
+        lock, error = None, None
+        if self.world.is_main:
+            lock = RunLock(self.run_dir, log=self.log)
+            try:
+                lock.acquire()
+            except RunDirLocked as e:
+                error = e
+        held = _all_reduce(torch.tensor([float(error is None)], device=self.device),
+                           dist.ReduceOp.MIN)
+        if error is not None:
+            raise error
+        if not held.item():
+            raise RunDirLocked(f"run.dir = {str(self.run_dir)!r} is in use by another run "
+                               "(see rank 0)")
+        return lock
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self, cfg: Config, world: World) -> None:
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -203,8 +252,9 @@ class Trainer:
                                      total_steps=cfg.train.steps, run_name=cfg.run.name,
                                      config=to_dict(cfg))
         self._setup_model()
+        identity = run_identity(cfg, data=self.data_identity, run_id=new_run_id())
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank=world.rank,
-                                         world_size=world.world_size)
+                                         world_size=world.world_size, identity=identity)
         self.energy = EnergyMeter(self.device)
 
     @property
@@ -261,10 +311,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def _agree_to_stop(self) -> bool:
-        flag = _all_reduce(torch.tensor([float(self.stop.requested)], device=self.device),
+    def _agree_to_stop(self) -> int:
+        """0 to go on, else why some rank was asked to stop (StopFlag.code, agreed by all)."""
+        flag = _all_reduce(torch.tensor([float(self.stop.code)], device=self.device),
                            dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
@@ -273,6 +324,11 @@ class Trainer:
                 "energy_kwh": self._energy_so_far()}
 
     def save(self) -> None:
+        if self.bad_steps:
+            # The weights may already be non-finite: a checkpoint now would be restored as good.
+            self.log(f"step {self.step}: no checkpoint during a non-finite streak; a resume "
+                     f"starts from step-{self.last_saved}")
+            return
         blocked = self.checkpointer.save(self.step, self.model, self.optimizer,
                                          self._trainer_state())
         mode = "async, " if self.cfg.checkpoint.async_save else ""
@@ -288,6 +344,7 @@ class Trainer:
                 load_model_weights(self.cfg.checkpoint.init_from, self.model)
                 self.log(f"initialised weights from {self.cfg.checkpoint.init_from}")
             self.last_saved = -1
+            self.metrics.truncate_after(0)  # records of an attempt that never saved
             return
         state = restored.trainer
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -371,7 +428,7 @@ class Trainer:
         cfg = self.cfg
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            write_atomic(self.run_dir / "config.toml", to_toml(cfg))
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
         self.restore()
         if self.step >= cfg.train.steps:
@@ -381,13 +438,14 @@ class Trainer:
         profiler = self._profiler()
         while self.step < cfg.train.steps:
             self.faults.at_step_boundary(self)
-            if self._agree_to_stop():
+            stop_code = self._agree_to_stop()
+            if stop_code:
                 if self.last_saved != self.step:
                     self.save()
                 self.checkpointer.close()
                 self._close_loader()
                 if self.world.is_main:
-                    marker = {"step": self.step, "reason": self.stop.reason}
+                    marker = {"step": self.step, "reason": StopFlag.reason(stop_code)}
                     (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
                 self.log(f"stopping at step {self.step} for requeue (exit {REQUEUE_EXIT_CODE})")
                 return REQUEUE_EXIT_CODE
@@ -408,9 +466,10 @@ class Trainer:
                 self.log(f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}; "
                          f"update skipped ({self.bad_steps} in a row)")
                 if self.bad_steps >= cfg.train.max_bad_steps:
+                    last = f"step-{self.last_saved}" if self.last_saved >= 0 else "none"
                     raise TooManyBadSteps(
                         f"{self.bad_steps} non-finite steps in a row (train.max_bad_steps = "
-                        f"{cfg.train.max_bad_steps}); last good checkpoint: step-{self.last_saved}")
+                        f"{cfg.train.max_bad_steps}); last good checkpoint: {last}")
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -538,7 +597,6 @@ class Trainer:
                      f"{self.run_dir / 'report.md'}; loss curve {plot}")
         return report
 
-
     def _source_report(self) -> list[dict[str, Any]]:
         """Each source's weight, the share of training samples it gave, and its epochs."""
         samples = self.data.samples_per_source(self.sampler.consumed)
@@ -586,18 +644,51 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--config: required (e.g. --config configs/tiny.toml)")
     cfg = load_config(path, overrides)
     world = init_distributed()
+    trainer = None
     try:
-        code = Trainer(cfg, world, stop).train()
+        trainer = Trainer(cfg, world, stop)
+        code = trainer.train()
         if dist.is_initialized():
             dist.barrier()  # leave together: a rank tearing down alone can abort its peers
         return code
     except TooManyBadSteps as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return BAD_STEPS_EXIT_CODE
+    except BaseException as e:
+        causes = list(_causes(e))
+        if any(isinstance(c, KeyboardInterrupt) for c in causes):
+            print("interrupted (SIGINT): stopped without saving", file=sys.stderr, flush=True)
+            return INTERRUPTED_EXIT_CODE
+        full = [c for c in causes if isinstance(c, OSError) and c.errno == errno.ENOSPC]
+        if full:
+            where = full[0].filename or cfg.run.dir
+            print(f"error: disk full: no space left on the device writing {where}; free space "
+                  "there and start the run again (it resumes from its last checkpoint)",
+                  file=sys.stderr, flush=True)
+            return DISK_FULL_EXIT_CODE
+        raise
     finally:
+        if trainer is not None:
+            trainer.release()
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+def _causes(error: BaseException):
+    """An exception, what caused it, and what DCP collected from each rank, depth first."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
 
 
 if __name__ == "__main__":
