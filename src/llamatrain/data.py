@@ -291,10 +291,10 @@ class TokenStream:
         while done < length:
             a, offset = self.arrays[k], start + done - int(self.starts[k])
             n = min(length - done, len(a) - offset)
-            chunk = a[offset : offset + n]
+            chunk = out[done : done + n]
+            chunk[:] = a[offset : offset + n]
             if n and int(chunk.max()) >= self.limit:
                 self._bad_token(k, offset, chunk)
-            out[done : done + n] = chunk
             done, k = done + n, k + 1
         return out
 
