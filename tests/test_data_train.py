@@ -18,6 +18,7 @@ from llamatrain.data import prepare_sources
 from llamatrain.loader import BatchLoader
 from llamatrain.metrics import read_metrics
 from llamatrain.sampler import GlobalSampler
+from llamatrain.train import REQUEUE_EXIT_CODE
 
 
 def test_a_damaged_shard_stops_training_with_one_line_naming_it(prepared_data, tmp_path):
@@ -52,14 +53,22 @@ def mixture(tmp_path_factory):
     return overrides
 
 
-def test_a_mixture_trains_with_tokens_per_source_and_prefetch_changes_no_loss(mixture, tmp_path):
+@pytest.fixture(scope="module")
+def mixture_runs(mixture, tmp_path_factory):
+    """Uninterrupted 8-step runs of the mixture with prefetch off and on: {prefetch: run dir}."""
+    root = tmp_path_factory.mktemp("mix-runs")
     runs = {}
     for prefetch in (0, 2):
-        runs[prefetch] = tmp_path / f"prefetch{prefetch}"
+        runs[prefetch] = root / f"prefetch{prefetch}"
         proc = run_train(tiny_args(runs[prefetch], runs[prefetch],
                                    **{**mixture, "data.prefetch": prefetch}))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "data web (weight 3)" in proc.stdout and "data books (weight 1)" in proc.stdout
+    return runs
+
+
+def test_a_mixture_trains_with_tokens_per_source_and_prefetch_changes_no_loss(mixture_runs):
+    runs = mixture_runs
 
     assert len(losses(runs[0])) == 8
     assert losses(runs[0]) == losses(runs[2])
@@ -73,6 +82,24 @@ def test_a_mixture_trains_with_tokens_per_source_and_prefetch_changes_no_loss(mi
     assert shares["web"]["weight_share"] == 0.75 and shares["books"]["weight_share"] == 0.25
     assert abs(shares["web"]["share"] - 0.75) < 0.1  # 128 samples
     assert shares["web"]["tokens"] + shares["books"]["tokens"] == report["tokens"]
+
+
+def test_a_prefetching_mixture_run_resumed_on_two_ranks_sees_the_same_samples(
+    mixture, mixture_runs, tmp_path
+):
+    """Read-ahead batches are not counted as trained: the checkpoint taken on a stop holds the
+    position of the last trained step, and a resume at another world size continues exactly."""
+    run_dir = tmp_path / "stopped"
+    args = tiny_args(run_dir, run_dir, **mixture)
+    stopped = run_train(args, env={"LLAMATRAIN_FAULT_STOP_STEP": "3"})
+    assert stopped.returncode == REQUEUE_EXIT_CODE, stopped.stderr[-3000:]
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+    resumed = run_train(args, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(run_dir) == pytest.approx(losses(mixture_runs[2]), rel=1e-5)
+    last = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r][-1]
+    reference = [r for r in read_metrics(mixture_runs[2] / "metrics.jsonl") if "loss" in r][-1]
+    assert last["tokens_per_source"] == reference["tokens_per_source"]
 
 
 class _Data:
