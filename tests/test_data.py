@@ -5,6 +5,7 @@ import hashlib
 import json
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -491,7 +492,7 @@ def test_prepare_source_removes_temp_directories_of_dead_builds_only(tmp_path, p
     for name in dirs.values():
         (cache / name).mkdir()
         (cache / name / "train_000000.bin").write_bytes(b"\0" * 10)
-    old = time.time() - data.STALE_BUILD_S - 60
+    old = time.time() - data_prepare.STALE_BUILD_S - 60
     for p in (cache / dirs["old elsewhere"], cache / dirs["old elsewhere"] / "train_000000.bin"):
         os.utime(p, (old, old))
 
@@ -634,7 +635,12 @@ def test_parts_then_merge_equal_a_one_process_prepare_token_for_token(tmp_path, 
         args = ["prepare", "--input", str(corpus), "--out", str(parted), "--part", f"{part}/4"]
         assert main([*args, *common]) == 0
     assert main(["prepare", "--merge", str(parted)]) == 0
-    # A failed task is rerun alone: its part is replaced, the result is the same.
+    # A failed task is rerun alone: its part is replaced, the result is the same, and what a
+    # killed task left behind is removed.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    killed = parted / "parts" / f".part-00001-of-00004.tmp-{socket.gethostname()}-{dead}-0000aaaa"
+    killed.mkdir()
     args = ["prepare", "--input", str(corpus), "--out", str(parted), "--part", "1/4"]
     assert main([*args, *common]) == 0
     assert main(["prepare", "--merge", str(parted)]) == 0
@@ -649,7 +655,7 @@ def test_parts_then_merge_equal_a_one_process_prepare_token_for_token(tmp_path, 
         assert a[key] == b[key], key
     assert b["parts"] == 4
     parts = sorted(p.name for p in (parted / "parts").iterdir())
-    assert parts == [f"part-0000{i}-of-00004" for i in range(4)]
+    assert parts == [f"part-0000{i}-of-00004" for i in range(4)]  # and no killed.name
     ds = load_dataset(parted, DataConfig(), seq_len=16, vocab_size=400)
     assert ds.get_batch([0])["input_ids"].tolist() == \
         load_dataset(one, DataConfig(), seq_len=16).get_batch([0])["input_ids"].tolist()

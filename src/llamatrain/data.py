@@ -26,7 +26,6 @@ import os
 import shutil
 import socket
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,18 +34,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llamatrain.config import DataConfig
+from llamatrain.data_parts import build_part, merge, parse_part
 from llamatrain.data_prepare import (
     EMPTY,
     FORMATS,
     STDLIB,
+    TMP_TAG,
     PrepareOptions,
     build,
-    build_part,
     collect_files,
     get_tokenizer,
-    merge,
-    parse_part,
     publish,
+    remove_stale_builds,
 )
 from llamatrain.sampler import GlobalSampler, MixtureSampler
 from llamatrain.tokenizer import TRAINER_SETTINGS, Tokenizer, load_tokenizer
@@ -163,43 +162,6 @@ def _check_prepared(path: Path, cfg: DataConfig, *, vocab_size: int) -> None:
         raise ValueError(
             f"data.tokenizer={cfg.tokenizer!r} is not the tokenizer {str(path)!r} was prepared with"
         )
-
-
-TMP_TAG = ".tmp-"
-# A build on another host is presumed dead when nothing in its directory changed for this long:
-# longer than training any tokenizer on a bounded sample, or writing one block of shards.
-STALE_BUILD_S = 6 * 3600
-
-
-def remove_stale_builds(cache: Path) -> list[Path]:
-    """Delete the temporary directories of cache builds whose process is gone (killed, node lost):
-    on this host, when their pid is no longer running; from another host (a shared file system),
-    when untouched for STALE_BUILD_S. Returns what was removed."""
-    removed = []
-    host, now = socket.gethostname(), time.time()
-    for d in cache.glob(f".*{TMP_TAG}*"):
-        owner = d.name.rsplit(TMP_TAG, 1)[1]
-        parts = owner.rsplit("-", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
-            continue
-        try:
-            mtime = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
-        except OSError:
-            continue  # finished or removed meanwhile
-        if (parts[0] == host and not _running(int(parts[1]))) or now - mtime > STALE_BUILD_S:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
 
 
 def prepare_source(cfg: DataConfig, *, vocab_size: int) -> Path:

@@ -196,18 +196,19 @@ class Item:
 PARQUET_ROWS = 1024
 
 
-def read_items(path: Path, file_index: int, *, fields: tuple[str, ...] = ("text",)
-               ) -> Iterator[Item]:
+def read_items(path: Path, file_index: int, *, fields: tuple[str, ...] = ("text",),
+               scan: bool = True) -> Iterator[Item]:
     """A file's pieces in order; the last one has last=True. Read errors become an error item.
 
-    Memory is bounded by the block size (a row group for parquet), not the file size.
+    Memory is bounded by the block size (a row group for parquet), not the file size. scan=False
+    skips the first pass over a long text document (its hash and checks), for reading a sample.
     """
     try:
         if is_parquet(path):
             yield from _parquet_items(path, file_index, fields)
             return
         if not is_jsonl(path):
-            yield from _text_items(path, file_index)
+            yield from _text_items(path, file_index, scan=scan)
             return
         line, rest, pending = 0, b"", None
         for block in _blocks(path):
@@ -257,7 +258,7 @@ def _parquet_items(path: Path, file_index: int, fields: tuple[str, ...]) -> Iter
     yield Item(file_index, b"", first_line=row, last=True, rows={f: [] for f in fields})
 
 
-def _text_items(path: Path, file_index: int) -> Iterator[Item]:
+def _text_items(path: Path, file_index: int, *, scan: bool) -> Iterator[Item]:
     """A text file is one document: one Item when it fits in a block. A longer one is read twice,
     streaming: first to hash it and check it is UTF-8 with some text, then in pieces."""
     blocks = _blocks(path)
@@ -266,7 +267,7 @@ def _text_items(path: Path, file_index: int) -> Iterator[Item]:
     if not more:
         yield Item(file_index, first, last=True)
         return
-    doc_hash, error, blank = _scan_text(path)
+    doc_hash, error, blank = _scan_text(path) if scan else (0, "", False)
     if error or blank:
         yield Item(file_index, b"", last=True, error=error)
         return
@@ -372,7 +373,7 @@ def sample_sentences(files: Sequence[Path], opts: PrepareOptions) -> list[str]:
     sample: list[str] = []
     for k in order:
         path, taken = files[k], 0
-        for item in read_items(path, k, fields=record_fields(opts)):
+        for item in read_items(path, k, fields=record_fields(opts), scan=False):
             if item.error:
                 break
             try:
@@ -643,7 +644,7 @@ def _results(files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, abando
             yield from pending.popleft().get()
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
     """Bytes of a file for the progress bar; one that cannot be read is skipped later, by name."""
     try:
         return path.stat().st_size
@@ -657,7 +658,7 @@ def tokenize_files(
     """Write the split shards of files into out_dir; returns totals, skipped files and shards."""
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(out_dir, s, dtype, opts.shard_tokens) for s in SPLITS}
-    sizes = [_size(p) for p in files]
+    sizes = [file_size(p) for p in files]
     progress = Progress(total_files=len(files), total_bytes=sum(sizes), enabled=opts.progress)
     totals, skipped, abandoned = Totals(), [], set()
     current, failed, done_files, done_bytes = -1, False, 0, 0
@@ -718,14 +719,14 @@ def build(
     files = collect_files(inputs, key=key)
     tok = get_tokenizer(files, opts, tokenizer=tokenizer, vocab_size=vocab_size)
     totals, skipped, shards = tokenize_files(files, tok, opts, out_dir)
-    meta = _meta(inputs, opts, tok, tokenizer, totals, skipped, shards, len(files), key=key)
+    meta = dataset_meta(inputs, opts, tok, tokenizer, totals, skipped, shards, len(files), key=key)
     tok.save(out_dir / "tokenizer.model")
     # meta.json last: its presence is what "complete" means.
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 
-def _meta(
+def dataset_meta(
     inputs: Sequence[str],
     opts: PrepareOptions,
     tok: Tokenizer,
@@ -773,7 +774,45 @@ def _meta(
     }
 
 
-# ---------------------------------------------------------------- parts (a SLURM array)
+# ---------------------------------------------------------------- publishing
+
+
+TMP_TAG = ".tmp-"
+# A build on another host is presumed dead when nothing in its directory changed for this long:
+# longer than training any tokenizer on a bounded sample, or writing one block of shards.
+STALE_BUILD_S = 6 * 3600
+
+
+def remove_stale_builds(cache: Path) -> list[Path]:
+    """Delete the temporary directories of cache builds whose process is gone (killed, node lost):
+    on this host, when their pid is no longer running; from another host (a shared file system),
+    when untouched for STALE_BUILD_S. Returns what was removed."""
+    removed = []
+    host, now = socket.gethostname(), time.time()
+    for d in cache.glob(f".*{TMP_TAG}*"):
+        owner = d.name.rsplit(TMP_TAG, 1)[1]
+        parts = owner.rsplit("-", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            mtime = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
+        except OSError:
+            continue  # finished or removed meanwhile
+        if (parts[0] == host and not _running(int(parts[1]))) or now - mtime > STALE_BUILD_S:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
 
 
 def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
@@ -785,145 +824,3 @@ def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
         shutil.rmtree(trash)
     else:
         os.rename(tmp, out)  # onto an empty directory too; anything else was refused earlier
-
-
-def part_name(part: int, num_parts: int) -> str:
-    return f"part-{part:05d}-of-{num_parts:05d}"
-
-
-def parse_part(text: str) -> tuple[int, int]:
-    """'I/N' -> (I, N): share I (0-based) of N."""
-    i, sep, n = text.partition("/")
-    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-        raise ValueError(f"--part={text!r}; allowed: I/N with 0 <= I < N (e.g. 0/8)")
-    return int(i), int(n)
-
-
-def part_range(sizes: Sequence[int], part: int, num_parts: int) -> tuple[int, int]:
-    """Files [lo, hi) of a part: contiguous, so the parts in order are the files in order, and cut
-    where the running byte count crosses part / num_parts of the total."""
-    before = np.cumsum([0, *sizes])[:-1]
-    total = sum(sizes)
-
-    def start(k: int) -> int:
-        return len(sizes) if k == num_parts else int(np.searchsorted(before, total * k / num_parts))
-
-    return start(part), start(part + 1)
-
-
-def part_tokenizer(
-    out: Path, files: Sequence[Path], opts: PrepareOptions, *, tokenizer: str, vocab_size: int
-) -> Tokenizer:
-    """The tokenizer of a parted preparation, out/tokenizer.model: once there it is used; else
-    every part trains it on the same sample of all the files (the same bytes, so no part waits for
-    another and any part can be rerun alone) and the first to finish publishes it."""
-    path = out / "tokenizer.model"
-    if path.is_file():
-        tok = load_tokenizer(path)
-        if tokenizer and load_tokenizer(tokenizer).sha256 != tok.sha256:
-            raise ValueError(f"--tokenizer={tokenizer!r} is not {str(path)!r}, which the other "
-                             "parts use; allowed: the same tokenizer for every part")
-        return tok
-    tok = get_tokenizer(files, opts, tokenizer=tokenizer, vocab_size=vocab_size)
-    tmp = out / f".tokenizer.model.tmp-{socket.gethostname()}-{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, path)
-    return tok
-
-
-def build_part(
-    inputs: Sequence[str],
-    out: Path,
-    opts: PrepareOptions,
-    *,
-    part: int,
-    num_parts: int,
-    tokenizer: str = "",
-    vocab_size: int = 32_000,
-) -> dict:
-    """Share `part` of num_parts of the input files, tokenised into out/parts/part-I-of-N with its
-    part.json; a rerun replaces it. `merge` then writes out/meta.json."""
-    opts.validate()
-    files = collect_files(inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = part_tokenizer(out, files, opts, tokenizer=tokenizer, vocab_size=vocab_size)
-    lo, hi = part_range([_size(f) for f in files], part, num_parts)
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
-    final = parts / part_name(part, num_parts)
-    tmp = parts / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        totals, skipped, shards = tokenize_files(files[lo:hi], tok, opts, tmp)
-        info = {
-            "part": part,
-            "num_parts": num_parts,
-            "files": [lo, hi],
-            "num_files_total": len(files),
-            "inputs": list(inputs),
-            "options": {"format": opts.format, "text_key": opts.text_key,
-                        "val_fraction": opts.val_fraction},
-            "tokenizer_sha256": tok.sha256,
-            "tokenizer_source": tokenizer or f"trained on {opts.tokenizer_sample} sampled lines",
-            "num_tokens": totals.num_tokens,
-            "num_documents": totals.num_documents,
-            "num_empty_documents": totals.num_empty,
-            "shards": shards,
-            "skipped": skipped,
-        }
-        (tmp / "part.json").write_text(json.dumps(info, indent=1) + "\n")
-        publish(tmp, final, overwrite=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return info
-
-
-def merge(out: Path) -> dict:
-    """Write out/meta.json from every part of out/parts: the token stream of each split is the
-    parts' streams in order, which is a one-process prepare's stream of the same inputs. Missing
-    or mismatched parts are a ValueError naming them; rerunning merge is harmless."""
-    infos = {}
-    for d in sorted((out / "parts").glob("part-*-of-*")):
-        if (d / "part.json").is_file():
-            info = json.loads((d / "part.json").read_text())
-            infos[(info["part"], info["num_parts"])] = (d.name, info)
-    counts = sorted({n for _, n in infos})
-    if not counts:
-        raise ValueError(f"--merge={str(out)!r} has no finished parts in {str(out / 'parts')!r}; "
-                         "run prepare --part I/N first")
-    if len(counts) > 1:
-        raise ValueError(f"--merge={str(out)!r} holds parts of {' and '.join(map(str, counts))} "
-                         "parts; allowed: one count (remove the stale parts)")
-    n = counts[0]
-    missing = [i for i in range(n) if (i, n) not in infos]
-    if missing:
-        raise ValueError(f"--merge={str(out)!r}: part(s) {', '.join(map(str, missing))} of {n} "
-                         f"not finished; rerun them (prepare --part I/{n}, or those array tasks)")
-    parts = [infos[(i, n)] for i in range(n)]
-    tok = load_tokenizer(out / "tokenizer.model")
-    first = parts[0][1]
-    for name, info in parts:
-        for field_ in ("inputs", "options", "num_files_total"):
-            if info[field_] != first[field_]:
-                raise ValueError(f"--merge={str(out)!r}: {name} was prepared with other "
-                                 f"{field_.replace('_', ' ')} than {parts[0][0]}; rerun it")
-        if info["tokenizer_sha256"] != tok.sha256:
-            raise ValueError(f"--merge={str(out)!r}: {name} was tokenised with another tokenizer "
-                             f"than {str(out / 'tokenizer.model')!r}; rerun it")
-    totals, skipped, shards = Totals(), [], {s: [] for s in SPLITS}
-    for name, info in parts:
-        for s in SPLITS:
-            totals.num_tokens[s] += info["num_tokens"][s]
-            totals.num_documents[s] += info["num_documents"][s]
-            shards[s] += [{**sh, "file": f"parts/{name}/{sh['file']}"} for sh in info["shards"][s]]
-        totals.num_empty += info["num_empty_documents"]
-        skipped += info["skipped"]
-    opts = PrepareOptions(**first["options"])
-    meta = _meta(first["inputs"], opts, tok, "", totals, skipped, shards,
-                 first["num_files_total"], key="--input")
-    meta["tokenizer_source"] = first["tokenizer_source"]
-    meta["parts"] = n
-    tmp = out / f".meta.json.tmp-{socket.gethostname()}-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out / "meta.json")
-    return meta
