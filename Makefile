@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 # GPU machines may have no venv and no internet: use what is installed there, from the source tree.
 GPU_PY ?= $(if $(wildcard $(VENV)/bin/python),$(PY),python3)
+# make bench: on a GPU machine the system's torch as it is; elsewhere the venv, set up first.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+BENCH_PY := $(if $(HAS_GPU),$(GPU_PY),$(PY))
 PROFILE ?= 0
 
 .PHONY: setup system-deps test test-gpu lint demo bench cluster-up cluster-down config-reference
@@ -40,8 +43,8 @@ lint: setup
 demo: setup
 	$(PY) -m llamatrain.demo
 
-bench:
-	PYTHONPATH=src $(GPU_PY) benchmarks/run.py $(if $(filter 1,$(PROFILE)),--profile,)
+bench: $(if $(HAS_GPU),,setup)
+	PYTHONPATH=src $(BENCH_PY) benchmarks/run.py $(if $(filter 1,$(PROFILE)),--profile,)
 
 cluster-up: system-deps
 	launch/local-cluster up

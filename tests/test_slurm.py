@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,38 @@ def test_local_cluster_has_two_idle_nodes_with_the_machines_cores(cluster):
     assert {n[1] for n in nodes} <= {"idle", "allocated", "completing"}
     assert all(int(n[2]) == os.cpu_count() for n in nodes)
     assert all(0.4 * mem_total_mb < int(n[3]) <= 0.5 * mem_total_mb for n in nodes)
+
+
+def _listening(pid: int) -> set[str]:
+    """The local addresses (ip:port) of the TCP sockets process `pid` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            # /proc prints each 32-bit word of the address in host (little-endian) order.
+            words = [raw[i:i + 4][::-1] for i in range(0, len(raw), 4)]
+            ip = socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6,
+                                  b"".join(words))
+            found.add(f"{ip}:{int(hex_port, 16)}")
+    return found
+
+
+def test_local_cluster_listens_on_loopback_only_and_keeps_its_state_private(cluster):
+    pids = [int((cluster.state / f).read_text()) for f in
+            ("slurmctld.pid", "n1/slurmd.pid", "n2/slurmd.pid")]
+    addresses = set().union(*(_listening(pid) for pid in pids))
+    assert len(addresses) >= 3, addresses  # slurmctld and both slurmd
+    assert {a.rsplit(":", 1)[0] for a in addresses} == {"127.0.0.1"}, addresses
+    assert cluster.state.stat().st_mode & 0o777 == 0o700
 
 
 def test_local_cluster_up_again_is_a_no_op_on_a_running_cluster(cluster):

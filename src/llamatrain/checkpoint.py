@@ -407,4 +407,8 @@ def save_model_weights(state_dict: dict[str, torch.Tensor], path: str | Path) ->
 def read_model_weights(path: str | Path, template: dict[str, torch.Tensor]) -> None:
     """Fill `template` (plain tensors of the right shapes) from a checkpoint, in one process."""
     verify_checkpoint(Path(path), "checkpoint")
-    safe_dcp.load({"model": template}, path, no_dist=True)
+    try:
+        safe_dcp.load({"model": template}, path, no_dist=True)
+    except (Exception, CheckpointException) as e:
+        reason = str(e).strip().splitlines()[-1][:300]
+        raise ValueError(f"checkpoint {str(path)!r}: cannot be read ({reason})") from None

@@ -69,13 +69,17 @@ def read_metadata(path: str | Path) -> Metadata:
 
 
 class SafeReader(FileSystemReader):
+    """Hands DCP the checkpoint's `.metadata` as read_metadata() unpickled it, up front: so an
+    unsafe or missing file is one clear error, not DCP's fallback to per-rank metadata files."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(str(path))
+        self._metadata = read_metadata(Path(path) / METADATA)
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        name = METADATA if rank is None else f"__{rank}{METADATA}"
-        metadata = read_metadata(Path(self.path) / name)
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
+        if getattr(self._metadata, "storage_meta", None) is not None:
+            self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -95,7 +99,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 def load(state_dict: dict[str, Any], path: str | Path, *, no_dist: bool | None = None) -> None:
     """dcp.load through SafeReader and SafeLoadPlanner; collective when a process group is up,
     unless `no_dist`."""
-    dcp.load(state_dict, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(),
+    dcp.load(state_dict, storage_reader=SafeReader(path), planner=SafeLoadPlanner(),
              no_dist=not dist.is_initialized() if no_dist is None else no_dist)
 
 

@@ -78,11 +78,13 @@ class Faults:
     """Fault injection for tests, from the environment: LLAMATRAIN_FAULT_NAN_STEPS (comma-separated
     steps whose loss is made NaN), LLAMATRAIN_FAULT_STOP_STEP (act as if SIGUSR1 arrived before
     that step), LLAMATRAIN_FAULT_KILL_STEP (the last rank SIGKILLs itself before that step, on
-    torchrun's first attempt only)."""
+    torchrun's first attempt only), LLAMATRAIN_FAULT_SIGNAL=STEP:RANK (that rank alone sends
+    itself a real SIGUSR1 before that step)."""
 
     nan_steps: frozenset[int] = frozenset()
     stop_step: int | None = None
     kill_step: int | None = None
+    signal_at: tuple[int, ...] | None = None
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -92,8 +94,11 @@ class Faults:
             return int(env[name]) if env.get(name) else None
 
         nan = env.get("LLAMATRAIN_FAULT_NAN_STEPS", "")
+        sig = env.get("LLAMATRAIN_FAULT_SIGNAL", "")
+        signal_at = tuple(int(x) for x in sig.split(":")) if sig else None
         return cls(frozenset(int(s) for s in nan.split(",") if s),
-                   step("LLAMATRAIN_FAULT_STOP_STEP"), step("LLAMATRAIN_FAULT_KILL_STEP"))
+                   step("LLAMATRAIN_FAULT_STOP_STEP"), step("LLAMATRAIN_FAULT_KILL_STEP"),
+                   signal_at)
 
     def at_step_boundary(self, trainer: Trainer) -> None:
         if trainer.step == self.stop_step:
@@ -102,6 +107,8 @@ class Faults:
         world = trainer.world
         if trainer.step == self.kill_step and first_attempt and world.rank == world.world_size - 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.signal_at == (trainer.step, world.rank):
+            signal.raise_signal(signal.SIGUSR1)
 
 
 class TooManyBadSteps(RuntimeError):
@@ -326,8 +333,9 @@ class Trainer:
     def save(self) -> None:
         if self.bad_steps:
             # The weights may already be non-finite: a checkpoint now would be restored as good.
+            start = f"step-{self.last_saved}" if self.last_saved >= 0 else "the beginning"
             self.log(f"step {self.step}: no checkpoint during a non-finite streak; a resume "
-                     f"starts from step-{self.last_saved}")
+                     f"starts from {start}")
             return
         blocked = self.checkpointer.save(self.step, self.model, self.optimizer,
                                          self._trainer_state())
@@ -655,24 +663,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return BAD_STEPS_EXIT_CODE
     except BaseException as e:
-        causes = list(_causes(e))
-        if any(isinstance(c, KeyboardInterrupt) for c in causes):
-            print("interrupted (SIGINT): stopped without saving", file=sys.stderr, flush=True)
-            return INTERRUPTED_EXIT_CODE
-        full = [c for c in causes if isinstance(c, OSError) and c.errno == errno.ENOSPC]
-        if full:
-            where = full[0].filename or cfg.run.dir
-            print(f"error: disk full: no space left on the device writing {where}; free space "
-                  "there and start the run again (it resumes from its last checkpoint)",
-                  file=sys.stderr, flush=True)
-            return DISK_FULL_EXIT_CODE
-        raise
+        code, message = exit_code_for(e, cfg.run.dir)
+        if code is None:
+            raise
+        print(message, file=sys.stderr, flush=True)
+        return code
     finally:
         if trainer is not None:
             trainer.release()
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+def exit_code_for(error: BaseException, run_dir: str) -> tuple[int | None, str]:
+    """(exit code, one line) for an interrupt or a full disk, wherever it was raised (DCP wraps
+    what its threads and ranks raise); (None, "") for anything else."""
+    causes = list(_causes(error))
+    if any(isinstance(c, KeyboardInterrupt) for c in causes):
+        return INTERRUPTED_EXIT_CODE, "interrupted (SIGINT): stopped without saving"
+    full = [c for c in causes if isinstance(c, OSError) and c.errno == errno.ENOSPC]
+    if full:
+        where = full[0].filename or run_dir
+        return DISK_FULL_EXIT_CODE, (
+            f"error: disk full: no space left on the device writing {where}; free space there "
+            "and start the run again (it resumes from its last checkpoint)")
+    return None, ""
 
 
 def _causes(error: BaseException):
