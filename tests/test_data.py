@@ -529,7 +529,8 @@ def test_mixture_sources_share_one_tokenizer_trained_on_all_of_them(tmp_path):
     td = data.open_training_data(paths, cfg, seq_len=16, vocab_size=400, seed=0)
     assert [s.name for s in td.sources] == ["web", "code"]
     assert td.tokenizer_sha256 == metas[0]["tokenizer_sha256"]
-    assert [s["weight"] for s in td.identity["sources"]] == [0.7, 3.0]
+    assert [s["weight"] for s in td.identity["sources"].values()] == [0.7, 3.0]
+    assert td.identity["sources"]["1"]["tokenizer_sha256"] == td.tokenizer_sha256
     sizes = td.source_sizes()
     web = load_dataset(paths[0], cfg, seq_len=16)
     code = load_dataset(paths[1], cfg, seq_len=16)

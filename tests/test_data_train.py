@@ -102,6 +102,18 @@ def test_a_prefetching_mixture_run_resumed_on_two_ranks_sees_the_same_samples(
     assert last["tokens_per_source"] == reference["tokens_per_source"]
 
 
+def test_a_resume_with_other_mixture_weights_is_refused_naming_the_source(
+    mixture, mixture_runs, tmp_path
+):
+    run_dir = tmp_path / "reweighted"
+    shutil.copytree(mixture_runs[2], run_dir)
+    reweighted = {**mixture, "data.mix": mixture["data.mix"].replace("weight = 3", "weight = 2"),
+                  "train.steps": 10}
+    proc = run_train(tiny_args(run_dir, run_dir, **reweighted))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "data.sources.0.weight 3.0 -> 2.0" in proc.stderr.strip().splitlines()[-1]
+
+
 class _Data:
     """A dataset whose batch k holds k, optionally failing at one batch or reading slowly."""
 

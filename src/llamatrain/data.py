@@ -616,8 +616,9 @@ def open_training_data(
     if len(paths) == 1:
         identity = dataset_identity(paths[0])
     else:
-        identity = {"sources": [{"weight": s.weight, **dataset_identity(p)}
-                                for s, p in zip(sources, paths, strict=True)]}
+        # Keyed by position, so that a difference reads "data.sources.1.weight 0.2 -> 0.3".
+        identity = {"sources": {str(i): {"weight": s.weight, **dataset_identity(p)}
+                                for i, (s, p) in enumerate(zip(sources, paths, strict=True))}}
     common = dict(sources=sources, paths=list(paths), tokenizer_sha256=shas.pop(),
                   identity=identity)
     if len(paths) == 1:
