@@ -19,7 +19,10 @@ setup(
         "triton>=3.1; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.40", "safetensors>=0.4"],
+        "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.40", "safetensors>=0.4",
+                "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26"],
+        # Hugging Face export (tokenizer.json) and §2.3 benchmarks through lm-evaluation-harness.
+        "eval": ["safetensors>=0.4", "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26"],
         "wandb": ["wandb>=0.16"],
         "tensorboard": ["tensorboard>=2.15"],
         # flash-attn builds against the local CUDA toolkit; NVIDIA apex is not on PyPI and is

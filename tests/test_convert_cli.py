@@ -11,6 +11,7 @@ from conftest import REPO, run_train, tiny_args
 
 from llamatrain.convert import checkpoint_to_state_dict
 from llamatrain.model import Transformer
+from llamatrain.tokenizer import load_tokenizer
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
@@ -34,6 +35,24 @@ def test_to_hf_then_from_hf_round_trips_a_training_checkpoint(prepared_data, tmp
     tokens = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
         assert (model(tokens) - hf_model(tokens).logits).abs().max().item() < 1e-4
+
+    # The run kept its tokenizer, and the export carries it: AutoTokenizer encodes as SentencePiece.
+    assert (run_dir / "tokenizer.model").read_bytes() == \
+        (prepared_data / "tokenizer.model").read_bytes()
+    sp = load_tokenizer(run_dir / "tokenizer.model")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "def f(x):\n    return  42 # é"
+    assert hf_tok.encode(text) == [1, *sp.encode(text)]
+    (run_dir / "tokenizer.model").unlink()
+    proc = convert("to-hf", step, tmp_path / "hf2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: '{run_dir / 'tokenizer.model'}': no tokenizer.model (runs from before the trainer "
+        "kept one: pass --tokenizer DATA_DIR/tokenizer.model)"]
+    proc = convert("to-hf", step, tmp_path / "hf2", "--tokenizer",
+                   prepared_data / "tokenizer.model")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "hf2/tokenizer.json").is_file()
 
     init_dir = tmp_path / "init"
     proc = convert("from-hf", hf_dir, init_dir)

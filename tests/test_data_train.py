@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,11 +68,16 @@ def mixture_runs(mixture, tmp_path_factory):
     return runs
 
 
-def test_a_mixture_trains_with_tokens_per_source_and_prefetch_changes_no_loss(mixture_runs):
+def test_a_mixture_trains_with_tokens_per_source_and_prefetch_changes_no_loss(mixture,
+                                                                             mixture_runs):
     runs = mixture_runs
 
     assert len(losses(runs[0])) == 8
     assert losses(runs[0]) == losses(runs[2])
+    shared = json.loads((runs[2] / "report.json").read_text())["sources"][0]["source"]
+    assert (runs[2] / "tokenizer.model").read_bytes() == \
+        next(Path(mixture["data.cache_dir"]).glob("tokenizer-*.model")).read_bytes()
+    assert shared.endswith("web")
     for rec in read_metrics(runs[2] / "metrics.jsonl"):
         if "loss" in rec:
             assert set(rec["tokens_per_source"]) == {"web", "books"}

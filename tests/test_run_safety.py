@@ -51,9 +51,9 @@ def copy(done, tmp_path) -> Path:
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
-    """Every file under run_dir's checkpoints with its hash, and metrics.jsonl's."""
+    """Every file under run_dir's checkpoints with its hash, and the run's own files'."""
     files = sorted(p for p in run_dir.rglob("*") if p.is_file() and "checkpoints" in p.parts)
-    files.append(run_dir / "metrics.jsonl")
+    files += [run_dir / "metrics.jsonl", run_dir / "config.toml", run_dir / "tokenizer.model"]
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in files}
 

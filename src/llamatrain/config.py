@@ -145,6 +145,15 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: str = _f("", "lm-eval tasks benchmarked during training: names, table3 or a category "
+                        "(empty = none; code tasks never run here).")
+    interval: int = _f(0, "Benchmark the live model every this many steps (0 = only at the end).")
+    limit: int = _f(0, "Documents per task in each benchmark pass (0 = all).")
+    include_path: str = _f("", "Directory of your own lm-eval task YAMLs.")
+
+
+@dataclass
 class CarbonConfig:
     power_w: float = _f(0.0, "Watts per device when NVML cannot measure (0 = the device's TDP).")
     pue: float = _f(1.0, "Power usage effectiveness of the data centre.")
@@ -161,6 +170,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
 
 
@@ -325,6 +335,8 @@ def validate(cfg: Config) -> Config:
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("metrics.log_interval", cfg.metrics.log_interval)
     _positive("metrics.profile_steps", cfg.metrics.profile_steps, zero_ok=True)
+    _positive("eval.interval", cfg.eval.interval, zero_ok=True)
+    _positive("eval.limit", cfg.eval.limit, zero_ok=True)
     _positive("carbon.power_w", cfg.carbon.power_w, zero_ok=True)
     _positive("carbon.pue", cfg.carbon.pue)
     _positive("carbon.intensity_kg_per_kwh", cfg.carbon.intensity_kg_per_kwh, zero_ok=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from llamatrain.config import ModelConfig
+from llamatrain.hf_tokenizer import save_hf_tokenizer
+from llamatrain.tokenizer import Tokenizer, load_tokenizer
 
 StateDict = dict[str, torch.Tensor]
 
@@ -252,8 +254,9 @@ def from_meta_state_dicts(shards: list[StateDict], model_config: ModelConfig) ->
 
 
 def save_hf(state_dict: StateDict, model_config: ModelConfig, out_dir: str | Path,
-            dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write model.safetensors and config.json that `LlamaForCausalLM.from_pretrained` loads."""
+            dtype: torch.dtype = torch.bfloat16, tokenizer: Tokenizer | None = None) -> Path:
+    """Write model.safetensors and config.json that `LlamaForCausalLM.from_pretrained` loads,
+    and with a tokenizer, the files `AutoTokenizer.from_pretrained` loads (hf_tokenizer.py)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -264,6 +267,8 @@ def save_hf(state_dict: StateDict, model_config: ModelConfig, out_dir: str | Pat
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
               "torch_dtype": str(dtype).removeprefix("torch."), **hf_config(model_config)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, out, max_length=model_config.max_seq_len)
     return out
 
 
@@ -317,8 +322,11 @@ def load_meta(meta_dir: str | Path) -> tuple[StateDict, ModelConfig]:
 
 USAGE = """usage:
   python -m llamatrain.convert to-hf RUN_DIR/checkpoints/step-N OUT_DIR [--dtype bf16|fp32]
+                                     [--tokenizer MODEL]
   python -m llamatrain.convert from-hf HF_DIR OUT_DIR
   python -m llamatrain.convert from-meta META_DIR OUT_DIR
+to-hf writes weights, config and the tokenizer (RUN_DIR/tokenizer.model unless --tokenizer names
+one) as tokenizer.json, checked to encode exactly as SentencePiece does.
 from-hf and from-meta write a weights-only checkpoint for `--checkpoint.init_from=OUT_DIR`, with
 the [model] section to train it with in OUT_DIR/model.toml."""
 
@@ -361,10 +369,30 @@ def _write_init_checkpoint(state_dict: StateDict, cfg: ModelConfig, out: Path,
         (out / "tokenizer.model").write_bytes((source / "tokenizer.model").read_bytes())
 
 
+def run_tokenizer(step_dir: str | Path, override: str = "") -> Tokenizer:
+    """The SentencePiece model of the run a checkpoint belongs to (the trainer keeps a copy in
+    RUN_DIR/tokenizer.model), or the one `override` names."""
+    path = Path(override) if override else Path(step_dir).parent.parent / "tokenizer.model"
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r}: no tokenizer.model (runs from before the trainer kept "
+                         "one: pass --tokenizer DATA_DIR/tokenizer.model)")
+    return load_tokenizer(path)
+
+
+def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    if name not in args:
+        return None, args
+    i = args.index(name)
+    if i + 1 >= len(args):
+        raise ValueError(f"{name}: expected a value")
+    return args[i + 1], args[:i] + args[i + 2 :]
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
+    tokenizer_path, args = _pop_option(list(args), "--tokenizer")
     dtype = torch.bfloat16
     if "--dtype" in args:
         i = args.index("--dtype")
@@ -379,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     command, src, out = args[0], Path(args[1]), Path(args[2])
     if command == "to-hf":
         state_dict, cfg = checkpoint_to_state_dict(src)
-        save_hf(state_dict, cfg, out, dtype=dtype)
+        tokenizer = run_tokenizer(src, tokenizer_path or "")
+        save_hf(state_dict, cfg, out, dtype=dtype, tokenizer=tokenizer)
     else:
         state_dict, cfg = load_hf(src) if command == "from-hf" else load_meta(src)
         _write_init_checkpoint(state_dict, cfg, out, src)

@@ -536,6 +536,15 @@ class MixtureDataset:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def path(self) -> Path:
+        """The first source's directory: every source holds the same tokenizer.model."""
+        return self.datasets[0].path
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.datasets[0].tokenizer
+
     def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         import torch
 

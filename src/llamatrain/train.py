@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -255,6 +256,7 @@ class Trainer:
                  f"of {cfg.train.micro_batch_size} per rank; SLURM_RESTART_COUNT {restarts}, "
                  f"torchrun restarts {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
         self._setup_data()
+        self.benchmarks = _benchmarks(cfg, self.train_data.tokenizer, self.log)
         self.metrics = MetricsLogger(self.run_dir, cfg.metrics, enabled=world.is_main,
                                      total_steps=cfg.train.steps, run_name=cfg.run.name,
                                      config=to_dict(cfg))
@@ -434,11 +436,13 @@ class Trainer:
 
     def train(self) -> int:
         cfg = self.cfg
+        self.restore()  # first: a refused resume leaves the directory as it found it
         if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.run_dir / "config.toml", to_toml(cfg))
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
-        self.restore()
+            write_atomic(self.run_dir / "config.toml", to_toml(cfg))
+            # The run's own copy of its tokenizer: exports and evaluation read it from here.
+            shutil.copyfile(self.train_data.path / "tokenizer.model",
+                            self.run_dir / "tokenizer.model")
         if self.step >= cfg.train.steps:
             self.log(f"already at step {self.step} of {cfg.train.steps}: nothing to do")
             return 0
@@ -494,6 +498,9 @@ class Trainer:
                 window = _Window()
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                 self._log_eval()
+            if self.benchmarks and self.benchmarks.due(self.step,
+                                                       final=self.step == cfg.train.steps):
+                self._log_benchmarks()
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
                 self.save()
         self._close_loader()
@@ -542,6 +549,14 @@ class Trainer:
             self.log(f"step {self.step}: validation loss {val:.4f}")
             self.metrics.write({"step": self.step, "tokens_seen": self.tokens_seen,
                                 "val_loss": val})
+
+    def _log_benchmarks(self) -> None:
+        scores = self.benchmarks.run(self.model, self.step)
+        if scores is not None:
+            self.log(f"step {self.step}: benchmarks " +
+                     ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
+            self.metrics.write({"step": self.step, "tokens_seen": self.tokens_seen,
+                                **{f"eval/{k}": v for k, v in scores.items()}})
 
     def _energy_so_far(self) -> float | None:
         """kWh measured by NVML on every device over the whole run (earlier attempts included),
@@ -598,7 +613,10 @@ class Trainer:
                 if values:
                     report[f"final_{key}"] = values[-1]
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            (self.run_dir / "report.md").write_text(_report_markdown(report, acct))
+            table = self.benchmarks.report(records) if self.benchmarks else ""
+            (self.run_dir / "report.md").write_text(
+                _report_markdown(report, acct)
+                + (f"\n## Benchmarks (§2.3, Table 3)\n\n{table}" if table else ""))
             plot = plot_loss(self.run_dir)
             self.log(f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
                      f"{self.wall_s:.1f} s; {format_accounting(acct)}; report "
@@ -627,6 +645,18 @@ class _Window:
         self.steps += 1
         self.time += step_time
         self.data_wait += data_wait
+
+
+def _benchmarks(cfg: Config, tokenizer, log):
+    """The run's [eval] benchmarks (llamatrain.evaluate), or None when eval.tasks is empty."""
+    if not cfg.eval.tasks:
+        return None
+    try:
+        from llamatrain.evaluate import TrainingBenchmarks
+    except ImportError:
+        raise ValueError(f"eval.tasks = {cfg.eval.tasks!r}: lm-evaluation-harness is not "
+                         "installed (pip install 'llamatrain[eval]')") from None
+    return TrainingBenchmarks(cfg.eval, tokenizer, log=log)
 
 
 def _report_markdown(report: dict[str, Any], acct: dict[str, Any]) -> str:
