@@ -156,7 +156,7 @@ class MixtureSampler(_Order):
         self._slot_order = GlobalSampler(MIX_SLOTS, seed=_mix64_int(self.seed ^ 0x6D6978))
         self._sources = [GlobalSampler(n, seed=_mix64_int(self.seed + 1 + i))
                          for i, n in enumerate(self.sizes)]
-        self._block: tuple[int, np.ndarray] = (-1, np.zeros(0))
+        self._blocks: tuple[tuple[int, np.ndarray], ...] = ()
 
     def __len__(self) -> int:
         return int(sum(self.sizes))
@@ -167,14 +167,16 @@ class MixtureSampler(_Order):
 
     def _counts(self, block: int) -> np.ndarray:
         """(sources, MIX_SLOTS + 1): samples of each source before each position of a block.
-        One block is kept (a tuple swap, so the loader thread and the loop can share it)."""
-        cached_block, counts = self._block
-        if cached_block != block:
-            src = self._source_of(block * MIX_SLOTS + np.arange(MIX_SLOTS))
-            counts = np.zeros((len(self.sizes), MIX_SLOTS + 1), dtype=np.int64)
-            for s in range(len(self.sizes)):
-                np.cumsum(src == s, out=counts[s, 1:])
-            self._block = (block, counts)
+        The last two blocks are kept, in a tuple replaced whole, so that the loader thread (ahead)
+        and the loop (counting tokens per source) share it without a lock."""
+        for cached_block, counts in self._blocks:
+            if cached_block == block:
+                return counts
+        src = self._source_of(block * MIX_SLOTS + np.arange(MIX_SLOTS))
+        counts = np.zeros((len(self.sizes), MIX_SLOTS + 1), dtype=np.int64)
+        for s in range(len(self.sizes)):
+            np.cumsum(src == s, out=counts[s, 1:])
+        self._blocks = ((block, counts), *self._blocks[:1])
         return counts
 
     def locate(self, positions: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
