@@ -30,12 +30,13 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm >/dev/null; }
 
 test: setup system-deps
-	$(PY) -m llamatrain.kernels.compile_check --arch 80 --arch 90
+	$(PY) -m llamatrain.kernels.compile_check --arch 80 --arch 90 --arch 120
 	$(PY) -m pytest -q tests
 
 test-gpu:
 	LLAMATRAIN_TEST_DEVICE=cuda PYTHONPATH=src $(GPU_PY) -m pytest -q tests/test_kernel_*.py
 	PYTHONPATH=src $(GPU_PY) benchmarks/kernels.py --first-timing
+	PYTHONPATH=src $(GPU_PY) benchmarks/loss_memory.py --dim 4096
 
 lint: setup
 	$(VENV)/bin/ruff check src kernels tests benchmarks

@@ -78,11 +78,13 @@ def _kernels() -> Any:
 
 
 def _plain(fn: Callable[..., Any], *names: Any, **kwargs: Any) -> Provider:
-    """fn called on the inputs of these names; a non-string in `names` is passed as it is."""
+    """fn called on the inputs of these names; a non-string in `names` is passed as it is, and
+    a keyword whose value names an input gets that input."""
 
     def build(inputs: Inputs) -> tuple[Callable[[], Any], list[torch.Tensor]]:
         args = [inputs[n] if isinstance(n, str) else n for n in names]
-        return (lambda: fn(*args, **kwargs)), []
+        kw = {k: inputs[v] if isinstance(v, str) and v in inputs else v for k, v in kwargs.items()}
+        return (lambda: fn(*args, **kw)), []
 
     return build
 
@@ -101,14 +103,16 @@ def _compiled(fn: Callable[..., Any]) -> Callable[[], Callable[..., Any]]:
 
 
 def _module(make_module: Callable[[int, float], torch.nn.Module], eps: float) -> Provider:
-    """An RMSNorm module (Liger's, apex's) given the benchmark's weight."""
+    """An RMSNorm module (Liger's, apex's) given the benchmark's weight, called on x (and on
+    the residual r where the inputs have one)."""
 
     def build(inputs: Inputs) -> tuple[Callable[[], Any], list[torch.Tensor]]:
         x, w = inputs["x"], inputs["w"]
         module = make_module(x.shape[-1], eps).to(device=x.device, dtype=x.dtype)
         with torch.no_grad():
             module.weight.copy_(w)
-        return (lambda: module(x)), list(module.parameters())
+        args = (x, inputs["r"]) if "r" in inputs else (x,)
+        return (lambda: module(*args)), list(module.parameters())
 
     return build
 
@@ -149,6 +153,26 @@ def _liger_cross_entropy() -> Callable[..., Any]:
     from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
 
     return LigerCrossEntropyLoss(ignore_index=-100)
+
+
+def _liger_fused_add_rms_norm(dim: int, eps: float) -> torch.nn.Module:
+    from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+
+    return LigerFusedAddRMSNorm(dim, eps=eps, in_place=False)
+
+
+def _liger_linear_cross_entropy() -> Callable[..., Any]:
+    from liger_kernel.transformers.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyLoss,
+    )
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    return lambda hidden, weight, targets: loss(weight, hidden, targets)
+
+
+def _add_rms_norm_ref(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float):
+    h = x + r
+    return ops.rms_norm_ref(h, w, eps), h
 
 
 def _flash_attn() -> Callable[..., Any]:
@@ -208,6 +232,30 @@ def rms_norm_case(s: Shape, elt: int = 2) -> Case:
     return case
 
 
+def add_rms_norm_case(s: Shape, elt: int = 2) -> Case:
+    """RMSNorm with the residual add fused in: returns the normed sum and the sum."""
+
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
+        g = _gen(device)
+        return {"x": _randn(1, s.tokens, s.dim, device=device, dtype=dtype, gen=g),
+                "r": _randn(1, s.tokens, s.dim, device=device, dtype=dtype, gen=g),
+                "w": _randn(s.dim, device=device, dtype=dtype, gen=g, scale=0.1, offset=1.0)}
+
+    act, w = s.tokens * s.dim * elt, s.dim * elt
+    # forward: read x, r and w, write y and h; backward: read dy, dh, h and w, write dx and dw
+    # (the residual's gradient is dx itself).
+    work = {"fwd": 4 * act + w, "bwd": 4 * act + 2 * w}
+    case = Case("add_rms_norm", s.name, make, {**work, "fwd_bwd": work["fwd"] + work["bwd"]},
+                "GB/s")  # fmt: skip
+    case.providers = {
+        "llamatrain": _lazy(lambda: _kernels().rms_norm, "x", "w", s.eps, residual="r"),
+        "torch": _plain(_add_rms_norm_ref, "x", "r", "w", s.eps),
+        "liger": _module(_liger_fused_add_rms_norm, s.eps),
+        "compile": _lazy(_compiled(_add_rms_norm_ref), "x", "r", "w", s.eps),
+    }
+    return case
+
+
 def swiglu_case(s: Shape, elt: int = 2) -> Case:
     def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         g = _gen(device)
@@ -256,7 +304,10 @@ def rotary_case(s: Shape, elt: int = 2) -> Case:
     return case
 
 
-def attention_case(s: Shape) -> Case:
+def attention_case(s: Shape, deterministic: bool = False) -> Case:
+    """Causal GQA attention; `deterministic`: every provider's bit-identical backward (ours:
+    dQ in its own kernel, 7 GEMMs per block pair, against 5 with atomics)."""
+
     def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         g = _gen(device)
         return {
@@ -267,14 +318,16 @@ def attention_case(s: Shape) -> Case:
 
     # QK^T and PV: 2 matmuls of 2*T*T*d FLOPs per head, half of it under the causal mask.
     fwd = 2 * 2 * s.tokens * s.tokens * s.head_dim * s.n_heads / 2
-    case = Case("attention", s.name, make, {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd},
-                "TFLOP/s")
+    op = "attention_det" if deterministic else "attention"
+    case = Case(op, s.name, make, {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}, "TFLOP/s")
     case.providers = {
-        "llamatrain": _lazy(lambda: _kernels().attention, "q", "k", "v", causal=True),
+        "llamatrain": _lazy(lambda: _kernels().attention, "q", "k", "v", causal=True,
+                            deterministic=deterministic),
         "torch": _plain(_sdpa, "q", "k", "v"),
-        "flash_attn": _lazy(_flash_attn, "q", "k", "v", causal=True),
-        "compile": _lazy(_compiled(ops.attention_ref), "q", "k", "v", causal=True),
-    }
+        "flash_attn": _lazy(_flash_attn, "q", "k", "v", causal=True, deterministic=deterministic),
+    }  # fmt: skip
+    if not deterministic:
+        case.providers["compile"] = _lazy(_compiled(ops.attention_ref), "q", "k", "v", causal=True)
     return case
 
 
@@ -299,15 +352,43 @@ def cross_entropy_case(s: Shape, elt: int = 2) -> Case:
     return case
 
 
+def linear_cross_entropy_case(s: Shape) -> Case:
+    """The output projection and the loss, fused (ours, Liger's) or logits then loss."""
+
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
+        g = _gen(device)
+        targets = torch.randint(0, s.vocab_size, (s.tokens,), device=device, generator=g)
+        targets[:: 16] = -100
+        return {"hidden": _randn(s.tokens, s.dim, device=device, dtype=dtype, gen=g),
+                "weight": _randn(s.vocab_size, s.dim, device=device, dtype=dtype, gen=g,
+                                 scale=0.02),
+                "targets": targets}  # fmt: skip
+
+    # The logits' matmul forward; the backward's two (grad of hidden and of the weight).
+    matmul = 2 * s.tokens * s.dim * s.vocab_size
+    work = {"fwd": matmul, "bwd": 2 * matmul, "fwd_bwd": 3 * matmul}
+    case = Case("linear_cross_entropy", s.name, make, work, "TFLOP/s")
+    case.providers = {
+        "llamatrain": _lazy(lambda: _kernels().linear_cross_entropy, "hidden", "weight",
+                            "targets"),
+        "torch": _plain(ops.linear_cross_entropy_ref, "hidden", "weight", "targets"),
+        "liger": _lazy(_liger_linear_cross_entropy, "hidden", "weight", "targets"),
+        "compile": _lazy(_compiled(ops.linear_cross_entropy_ref), "hidden", "weight", "targets"),
+    }  # fmt: skip
+    return case
+
+
 def cases(shapes: Sequence[Shape]) -> list[Case]:
     """Every op at every shape; cross-entropy once per distinct (tokens, vocab)."""
     out: list[Case] = []
     seen_vocab: set[tuple[int, int]] = set()
     for s in shapes:
-        out += [rms_norm_case(s), swiglu_case(s), rotary_case(s), attention_case(s)]
+        out += [rms_norm_case(s), add_rms_norm_case(s), swiglu_case(s), rotary_case(s),
+                attention_case(s), attention_case(s, deterministic=True)]  # fmt: skip
         if (s.tokens, s.vocab_size) not in seen_vocab:
             seen_vocab.add((s.tokens, s.vocab_size))
             out.append(cross_entropy_case(s))
+        out.append(linear_cross_entropy_case(s))
     return out
 
 
@@ -443,7 +524,7 @@ def _fraction(row: dict[str, Any], limits: dict[str, float] | None) -> None:
 
 
 def _line(row: dict[str, Any]) -> str:
-    head = f"  {row['op']:<13} {row['shape']:<4} {row['provider']:<10}"
+    head = f"  {row['op']:<20} {row['shape']:<4} {row['provider']:<10}"
     if "error" in row:
         return f"{head} {row['error']}"
     if row["fwd_bwd_rate"] is None:

@@ -53,8 +53,9 @@ _configure_interpreter()
 
 from .attention import attention  # noqa: E402
 from .cross_entropy import cross_entropy  # noqa: E402
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .rmsnorm import rms_norm  # noqa: E402
 from .rotary import rotary  # noqa: E402
 from .swiglu import swiglu  # noqa: E402
 
-__all__ = ["attention", "cross_entropy", "rms_norm", "rotary", "swiglu"]
+__all__ = ["attention", "cross_entropy", "linear_cross_entropy", "rms_norm", "rotary", "swiglu"]

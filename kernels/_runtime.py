@@ -22,11 +22,40 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @dataclass(frozen=True)
 class Target:
-    """What launch configurations depend on: CUDA arch (80 = sm_80; None: the interpreter)."""
+    """What launch configurations depend on: CUDA arch (80 = sm_80; None: the interpreter), SM
+    count, the shared memory one block may use (bytes; the opt-in limit) and the L2 cache size
+    (bytes; 0 in the interpreter)."""
 
     arch: int | None
     num_sms: int
+    shared_memory: int = 0
+    l2_cache: int = 0
 
+
+@dataclass(frozen=True)
+class Chip:
+    """The per-SM limits of one GPU generation (CUDA programming guide, compute capabilities
+    table) that decide whether a kernel launches and how many of its blocks share an SM."""
+
+    name: str
+    num_sms: int
+    shared_memory_per_block: int  # opt-in maximum of one block
+    shared_memory_per_sm: int
+    max_threads_per_sm: int
+    max_blocks_per_sm: int
+    l2_cache: int
+    registers_per_sm: int = 65536
+
+    def target(self, arch: int) -> Target:
+        return Target(arch, self.num_sms, self.shared_memory_per_block, self.l2_cache)
+
+
+# The GPUs the kernels are built and checked for: A100, H100, and consumer Blackwell (RTX 5090).
+CHIPS = {
+    80: Chip("A100", 108, 163 * 1024, 164 * 1024, 2048, 32, 40 * 2**20),
+    90: Chip("H100", 132, 227 * 1024, 228 * 1024, 2048, 32, 50 * 2**20),
+    120: Chip("RTX 5090", 170, 99 * 1024, 100 * 1024, 1536, 32, 96 * 2**20),
+}
 
 # Programs the interpreter runs for the reductions sized by SM count: a few, so tests exercise the
 # cross-program reduction without paying for many slow interpreted programs.
@@ -35,11 +64,13 @@ _INTERPRETER_TARGET = Target(arch=None, num_sms=4)
 
 @dataclass
 class Launch:
-    """One recorded launch: the Triton kernel, its arguments by name, and its launch options."""
+    """One recorded launch: the Triton kernel, its arguments by name, its launch options and
+    its grid."""
 
     kernel: Any
     args: dict[str, Any]
     options: dict[str, Any]
+    grid: tuple[int, ...] = ()
 
 
 @dataclass
@@ -54,7 +85,10 @@ _recorder: _Recorder | None = None
 @functools.cache
 def _cuda_target(index: int) -> Target:
     props = torch.cuda.get_device_properties(index)
-    return Target(arch=props.major * 10 + props.minor, num_sms=props.multi_processor_count)
+    return Target(
+        arch=props.major * 10 + props.minor, num_sms=props.multi_processor_count,
+        shared_memory=props.shared_memory_per_block_optin, l2_cache=props.L2_cache_size,
+    )  # fmt: skip
 
 
 def target(device: torch.device) -> Target:
@@ -80,7 +114,7 @@ def launch(
         values = dict(zip(names, args, strict=False)) | constexprs
         if len(args) > len(names) or set(values) != set(names):
             raise TypeError(f"{kernel.__name__}: arguments {sorted(values)} != {sorted(names)}")
-        _recorder.launches.append(Launch(kernel, values, options))
+        _recorder.launches.append(Launch(kernel, values, options, tuple(grid)))
         return
     wrapped[grid](*args, **options, **constexprs)
 

@@ -1,10 +1,23 @@
-"""Flash attention with grouped-query heads: Triton forward and deterministic backward.
+"""Flash attention with grouped-query heads: Triton forward and backward (FlashAttention-2's).
 
 Tensors are (batch, seq, heads, head_dim); k and v have n_kv_heads dividing n_heads and are never
 repeated in memory: q head h reads kv head h // (n_heads // n_kv_heads). The forward keeps an
 online softmax in fp32 (base 2, the scale folded into one multiply) and saves the log-sum-exp.
+
 The backward runs one program per kv block that loops over every q head of its group, so dK and
-dV are summed in registers in a fixed order (no atomics), and dQ in a second kernel.
+dV are summed in registers in a fixed order. dQ takes one of two paths:
+- default: in the same pass, each (q block, kv block) pair adds its dQ share to an fp32 buffer
+  with atomics: 5 GEMMs per block pair (S, dV, dP, dK, dQ), FlashAttention-2's count. Atomic
+  adds land in no fixed order, so dQ's last bits may differ between reruns.
+- `deterministic=True`: a second kernel, one program per q block, sums dQ in registers in a
+  fixed order: bit-identical reruns, at 7 GEMMs per pair (S and dP are recomputed there).
+Atomics rather than a deterministic split reduction (per-kv-block dQ partials, reduced after):
+the partials would take seq_k / block_n times dQ's memory (32x at 4096 tokens) and a pass to
+reduce them, and the deterministic kernel already gives bit-identical reruns when asked for.
+
+Programs are issued heaviest first across every batch and head: the grid's fastest axis runs
+over (batch, head), its slow axis over blocks in order of decreasing causal work, so the long
+blocks of all heads start in the first wave and the short ones fill in at the end.
 
 Causal masking is bottom-right aligned (query i sees keys j <= i + seq_k - seq_q), as in the
 reference. Loops are split into blocks that need no mask and the few on the diagonal or the
@@ -83,8 +96,9 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    # Causal work grows with the query block: the last block goes first.
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0)
     b = (bh // n_q_heads).to(tl.int64)
     h = bh % n_q_heads
     kvh = (h // group_size).to(tl.int64)
@@ -150,52 +164,22 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-    cols, lo, hi, seq_q, diag, qk_scale,
-    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_m
-        row_mask = rows < seq_q
-        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_mask[:, None],
-                    other=0.0)  # fmt: skip
-        do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
-                     mask=row_mask[:, None], other=0.0)  # fmt: skip
-        # Rows past the end get lse = +inf, hence p = 0: they add nothing.
-        lse = tl.load(lse_base + rows, mask=row_mask, other=float("inf"))
-        delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
-        # Transposed scores (keys x queries) so dK and dV accumulate as (BLOCK_N, HEAD_DIM).
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
-        if MASKED:
-            p_t = tl.where(cols[:, None] <= rows[None, :] + diag, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh,
     n_q_heads, n_kv_heads, group_size, seq_q, seq_k, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
+    # Causal work shrinks with the key block (fewer queries see it): the first block goes first.
+    start_n = tl.program_id(1) * BLOCK_N
+    bkv = tl.program_id(0)
     b = (bkv // n_kv_heads).to(tl.int64)
     kvh = (bkv % n_kv_heads).to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -210,29 +194,42 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     diag = seq_k - seq_q
-    if CAUSAL:
-        # Rows before `lo` see none of these keys; rows from `full` on see all of them.
-        lo = tl.minimum(tl.maximum(start_n - diag, 0), seq_q) // BLOCK_M * BLOCK_M
-        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-        full = tl.minimum(tl.maximum(full, lo), seq_q)
-    else:
-        lo = 0
-        full = 0
-    for g in range(0, group_size):
+    # Causal: rows before `lo` see none of these keys.
+    lo = tl.minimum(tl.maximum(start_n - diag, 0), seq_q) // BLOCK_M * BLOCK_M if CAUSAL else 0
+    offs_m = tl.arange(0, BLOCK_M)
+    # One flat loop over (q head of the group, q block), not two nested ones: a single loop body
+    # keeps the register pressure of the group-1 case (the nested form spilled at group 8).
+    # The causal mask is applied to every block; it is a select on a tile already in registers.
+    steps = tl.cdiv(seq_q - lo, BLOCK_M)
+    for i in range(0, group_size * steps):
+        g = i // steps
+        start_m = tl.multiple_of(lo + (i - g * steps) * BLOCK_M, BLOCK_M)
         h = kvh * group_size + g
         bh = b * n_q_heads + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + bh * seq_q
-        delta_base = DELTA + bh * seq_q
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-            cols, lo, full, seq_q, diag, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_PRECISION,
+        rows = start_m + offs_m
+        row_mask = rows < seq_q
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+                    mask=row_mask[:, None], other=0.0)  # fmt: skip
+        do = tl.load(
+            DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+            mask=row_mask[:, None], other=0.0,
         )  # fmt: skip
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-            cols, full, seq_q, seq_q, diag, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_PRECISION,
-        )  # fmt: skip
+        # Rows past the end get lse = +inf, hence p = 0: they add nothing.
+        lse = tl.load(LSE + bh * seq_q + rows, mask=row_mask, other=float("inf"))
+        delta = tl.load(DELTA + bh * seq_q + rows, mask=row_mask, other=0.0)
+        # Transposed scores (keys x queries) so dK and dV accumulate as (BLOCK_N, HEAD_DIM).
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
+        if CAUSAL:
+            p_t = tl.where(cols[:, None] <= rows[None, :] + diag, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale
+            dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs
+            tl.atomic_add(dq_ptrs + offs_d[None, :], dq, mask=row_mask[:, None], sem="relaxed")
     dk = dk * sm_scale
     tl.store(
         DK + b * stride_dkb + kvh * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :],
@@ -282,8 +279,8 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # heaviest (last) first
+    bh = tl.program_id(0)
     b = (bh // n_q_heads).to(tl.int64)
     h = bh % n_q_heads
     kvh = (h // group_size).to(tl.int64)
@@ -335,42 +332,53 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Tiles of the forward, of the dK/dV kernel (block_n keys, looping over block_m queries)
-    and of the dQ kernel (block_m queries, looping over block_n keys)."""
+    """Tiles of the forward; of the one-pass backward (block_n keys per program, looping over
+    block_m queries, dQ by atomics); and of the deterministic backward's dK/dV kernel (same
+    loop) and dQ kernel (block_m queries, looping over block_n keys)."""
 
     fwd: TileConfig
+    bwd: TileConfig
     dkdv: TileConfig
     dq: TileConfig
 
 
-def launch_config(head_dim: int, arch: int | None, dtype: torch.dtype) -> AttentionConfig:
-    """Tiles by head_dim, dtype and GPU generation, chosen to fit shared memory and (nearly)
-    avoid register spills in `compile_check`. The interpreter gets small, unequal tiles, so tests
-    on short sequences still cross several blocks and the diagonal in both directions."""
-    if arch is None:
+# Shared memory per block from which the large forward tiles fit (H100: 227 KB; A100 has 163 KB
+# and consumer Blackwell, sm_120, 99 KB).
+LARGE_TILE_SHARED_MEMORY = 200 * 1024
+
+
+def launch_config(head_dim: int, target: _runtime.Target, dtype: torch.dtype) -> AttentionConfig:
+    """Tiles by head_dim, dtype and the GPU's shared memory per block, chosen to fit it and to
+    compile without register spills (`compile_check` proves both for sm_80, sm_90 and sm_120).
+    The interpreter gets small, unequal tiles, so tests on short sequences still cross several
+    blocks and the diagonal in both directions."""
+    if target.arch is None:
         return AttentionConfig(
-            fwd=TileConfig(32, 16, 4, 1), dkdv=TileConfig(16, 32, 4, 1), dq=TileConfig(32, 16, 4, 1)
-        )
+            fwd=TileConfig(32, 16, 4, 1), bwd=TileConfig(16, 32, 4, 1),
+            dkdv=TileConfig(16, 32, 4, 1), dq=TileConfig(32, 16, 4, 1),
+        )  # fmt: skip
     if dtype == torch.float32:
         # fp32 tiles take twice the shared memory and registers; fp32 is for tests, not speed.
         warps = 8 if head_dim >= 64 else 4
         return AttentionConfig(
-            fwd=TileConfig(64, 32, warps, 2), dkdv=TileConfig(32, 64, warps, 2),
-            dq=TileConfig(64, 32, warps, 2),
+            fwd=TileConfig(64, 32, warps, 2), bwd=TileConfig(32, 64, warps, 2),
+            dkdv=TileConfig(32, 64, warps, 2), dq=TileConfig(64, 32, warps, 2),
         )  # fmt: skip
     if head_dim <= 64:
         return AttentionConfig(
-            fwd=TileConfig(128, 64, 4, 3), dkdv=TileConfig(32, 128, 8 if head_dim == 64 else 4, 2),
+            fwd=TileConfig(128, 64, 4, 3), bwd=TileConfig(32, 128, 8 if head_dim == 64 else 4, 2),
+            dkdv=TileConfig(32, 128, 8 if head_dim == 64 else 4, 2),
             dq=TileConfig(128, 32, 4, 2),
         )  # fmt: skip
-    if arch >= 90:
+    if target.shared_memory >= LARGE_TILE_SHARED_MEMORY:
         return AttentionConfig(
-            fwd=TileConfig(128, 128, 8, 2), dkdv=TileConfig(32, 128, 8, 2),
-            dq=TileConfig(128, 64, 8, 2),
+            fwd=TileConfig(128, 128, 8, 2), bwd=TileConfig(32, 64, 8, 2),
+            dkdv=TileConfig(32, 128, 8, 2), dq=TileConfig(128, 64, 8, 2),
         )  # fmt: skip
     return AttentionConfig(
-        fwd=TileConfig(128, 64, 8, 2), dkdv=TileConfig(64, 64, 8, 2), dq=TileConfig(64, 64, 8, 2)
-    )
+        fwd=TileConfig(128, 64, 8, 2), bwd=TileConfig(32, 64, 8, 2),
+        dkdv=TileConfig(64, 64, 8, 2), dq=TileConfig(64, 64, 8, 2),
+    )  # fmt: skip
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -388,16 +396,17 @@ def _operand(t: torch.Tensor, arch: int | None) -> torch.Tensor:
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype, arch = q.dtype, _runtime.target(q.device).arch
+    dtype, target = q.dtype, _runtime.target(q.device)
+    arch = target.arch
     q, k, v = _operand(q, arch), _operand(k, arch), _operand(v, arch)
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     lse = torch.empty((batch, n_q_heads, seq_q), dtype=torch.float32, device=q.device)
-    tile = launch_config(head_dim, arch, q.dtype).fwd
+    tile = launch_config(head_dim, target, q.dtype).fwd
     sm_scale = 1.0 / math.sqrt(head_dim)
     _runtime.launch(
-        wrap_triton(_attn_fwd_kernel), (_runtime.cdiv(seq_q, tile.block_m), batch * n_q_heads),
+        wrap_triton(_attn_fwd_kernel), (batch * n_q_heads, _runtime.cdiv(seq_q, tile.block_m)),
         q, k, v, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         n_q_heads, n_q_heads // n_kv_heads, seq_q, seq_k, sm_scale * LOG2E,
@@ -410,14 +419,15 @@ def _forward(
 
 def _backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, causal: bool,
+    lse: torch.Tensor, causal: bool, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q_dtype, kv_dtype, arch = q.dtype, k.dtype, _runtime.target(q.device).arch
+    q_dtype, kv_dtype, target = q.dtype, k.dtype, _runtime.target(q.device)
+    arch = target.arch
     do, q, k, v = (_operand(t, arch) for t in (do, q, k, v))
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k, n_kv_heads = k.shape[1], k.shape[2]
     group_size = n_q_heads // n_kv_heads
-    config = launch_config(head_dim, arch, q.dtype)
+    config = launch_config(head_dim, target, q.dtype)
     sm_scale = 1.0 / math.sqrt(head_dim)
     precision = _runtime.dot_precision(q.dtype)
 
@@ -431,21 +441,27 @@ def _backward(
 
     dk = torch.empty(k.shape, dtype=kv_dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=kv_dtype, device=v.device)
-    tile = config.dkdv
+    # The one-pass backward sums dQ in fp32 across kv blocks; the deterministic one writes it.
+    dq = torch.empty(q.shape, dtype=q_dtype if deterministic else torch.float32, device=q.device)
+    if not deterministic:
+        dq.zero_()
+    tile = config.dkdv if deterministic else config.bwd
     _runtime.launch(
         wrap_triton(_attn_bwd_dkdv_kernel),
-        (_runtime.cdiv(seq_k, tile.block_n), batch * n_kv_heads),
-        q, k, v, do, lse, delta, dk, dv,
+        (batch * n_kv_heads, _runtime.cdiv(seq_k, tile.block_n)),
+        q, k, v, do, lse, delta, dk, dv, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        n_q_heads, n_kv_heads, group_size, seq_q, seq_k, sm_scale * LOG2E, sm_scale,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        DOT_PRECISION=precision, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        *_strides(dq), n_q_heads, n_kv_heads, group_size, seq_q, seq_k, sm_scale * LOG2E, sm_scale,
+        CAUSAL=causal, ATOMIC_DQ=not deterministic, HEAD_DIM=head_dim, BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n, DOT_PRECISION=precision, num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )  # fmt: skip
+    if not deterministic:
+        return dq.to(q_dtype), dk, dv
 
-    dq = torch.empty(q.shape, dtype=q_dtype, device=q.device)
     tile = config.dq
     _runtime.launch(
-        wrap_triton(_attn_bwd_dq_kernel), (_runtime.cdiv(seq_q, tile.block_m), batch * n_q_heads),
+        wrap_triton(_attn_bwd_dq_kernel), (batch * n_q_heads, _runtime.cdiv(seq_q, tile.block_m)),
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         n_q_heads, group_size, seq_q, seq_k, sm_scale * LOG2E, sm_scale,
@@ -465,31 +481,35 @@ def _attention_fwd(
 @triton_op("llamatrain::attention_bwd", mutates_args=())
 def _attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, causal: bool,
+    lse: torch.Tensor, causal: bool, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, out, lse, causal)
+    return _backward(do, q, k, v, out, lse, causal, deterministic)
 
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal):  # type: ignore[override]
+    def forward(ctx, q, k, v, causal, deterministic):  # type: ignore[override]
         out, lse = torch.ops.llamatrain.attention_fwd(q, k, v, causal)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal = causal
+        ctx.causal, ctx.deterministic = causal, deterministic
         return out
 
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.llamatrain.attention_bwd(do, q, k, v, out, lse, ctx.causal)
-        return dq, dk, dv, None
+        dq, dk, dv = torch.ops.llamatrain.attention_bwd(
+            do, q, k, v, out, lse, ctx.causal, ctx.deterministic
+        )
+        return dq, dk, dv, None, None
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Softmax(q k^T / sqrt(head_dim)) v for q (batch, seq_q, n_heads, head_dim) and k, v
-    (batch, seq_k, n_kv_heads, head_dim) with n_heads % n_kv_heads == 0."""
+    (batch, seq_k, n_kv_heads, head_dim) with n_heads % n_kv_heads == 0. `deterministic`
+    selects the backward whose reruns are bit-identical (dQ in its own kernel, no atomics)."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(
             f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
@@ -504,4 +524,4 @@ def attention(
         raise ValueError(f"attention: head_dim {q.shape[3]} must be one of {HEAD_DIMS}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"attention: dtypes {q.dtype}, {k.dtype}, {v.dtype} must be equal")
-    return AttentionFunction.apply(q, k, v, bool(causal))
+    return AttentionFunction.apply(q, k, v, bool(causal), bool(deterministic))

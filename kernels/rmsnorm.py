@@ -116,7 +116,8 @@ def _backward(
     programs = max(1, min(n_rows, 4 * _runtime.target(h.device).num_sms))
     rows_per_program = _runtime.cdiv(n_rows, programs)
     programs = _runtime.cdiv(n_rows, rows_per_program) if n_rows else 1
-    dw_partial = torch.zeros((programs, n_cols), dtype=torch.float32, device=h.device)
+    # Every program stores its whole row of partials (zeros if it had no rows): no memset.
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h.device)
     _runtime.launch(
         wrap_triton(_rms_norm_bwd_kernel), (programs,),
         dy2, dh2, h, weight.contiguous(), rstd, dx, dw_partial,

@@ -137,14 +137,26 @@ def test_kernel_work_counts_the_bytes_and_flops_of_an_ideal_kernel():
     assert kernels.attention_case(TINY).work["fwd"] == 2 * t * t * 8 * 4
     assert kernels.attention_case(TINY).work["bwd"] == 2.5 * 2 * t * t * 8 * 4
     assert kernels.cross_entropy_case(TINY).work["fwd_bwd"] == 3 * t * 64 * e
+    # Fused residual: x and r in, y and h out; back: dy, dh and h in, dx out (+ the weight).
+    assert kernels.add_rms_norm_case(TINY).work == {
+        "fwd": (4 * t * d + d) * e, "bwd": (4 * t * d + 2 * d) * e,
+        "fwd_bwd": (8 * t * d + 3 * d) * e,
+    }
+    # Linear cross-entropy: the logits' matmul, then two for the gradients (vocab 64).
+    assert kernels.linear_cross_entropy_case(TINY).work == {
+        "fwd": 2 * t * d * 64, "bwd": 4 * t * d * 64, "fwd_bwd": 6 * t * d * 64,
+    }
+    det = kernels.attention_case(TINY, deterministic=True)
+    assert det.op == "attention_det" and det.work == kernels.attention_case(TINY).work
 
 
 def test_kernel_bench_times_every_op_on_cpu_and_reports_rates_and_fractions(tmp_path):
     lim = {"copy_gbs": 10.0, "matmul_tflops": 0.5}
     rows = kernels.run([TINY], CPU, timer=cpu_timer, limits=lim, providers=["torch"],
                        dtype=torch.float32, log=lambda line: None)
-    assert [r["op"] for r in rows] == ["rms_norm", "swiglu", "rotary", "attention",
-                                       "cross_entropy"]
+    assert [r["op"] for r in rows] == ["rms_norm", "add_rms_norm", "swiglu", "rotary",
+                                       "attention", "attention_det", "cross_entropy",
+                                       "linear_cross_entropy"]
     work = {c.op: c.work for c in kernels.cases([TINY])}
     for r in rows:
         assert "error" not in r, r
@@ -179,7 +191,7 @@ def test_a_failing_provider_leaves_an_error_and_the_others_run():
 def test_spent_budget_skips_the_remaining_providers():
     rows = kernels.run([TINY], CPU, timer=cpu_timer, providers=["torch"], dtype=torch.float32,
                        budget_s=0.0, log=lambda line: None)
-    assert len(rows) == 5
+    assert len(rows) == 8
     assert all(r["error"] == "skipped: budget of 0 s spent" for r in rows)
 
 

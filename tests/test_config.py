@@ -44,6 +44,8 @@ def test_resolved_toml_loads_back_to_the_same_config(tmp_path):
         ("--train.steps=0", "train.steps = 0: expected a number > 0"),
         ("--train.warmup_steps=300", "train.warmup_steps = 300: must be shorter than"),
         ("--kernels.backend=cuda", "kernels.backend = 'cuda': expected one of auto, triton, torch"),
+        ("--kernels.attention_backward=fast",
+         "kernels.attention_backward = 'fast': expected one of atomic, deterministic"),
         ("--train.dtype=fp8", "train.dtype = 'fp8': expected one of auto, bf16, fp32"),
         ("--train.seq_len=1024", "train.seq_len = 1024: exceeds model.max_seq_len = 256"),
         ("--parallel.dp_shard=0", "parallel.dp_shard = 0: expected -1"),

@@ -28,23 +28,27 @@ def qkv(batch, seq_q, seq_k, n_heads, n_kv_heads, head_dim, dtype=torch.float32)
     )
 
 
-def check(q, k, v, causal, dtype=torch.float32):
+def check(q, k, v, causal, dtype=torch.float32, deterministic=False):
     check_against_reference(
-        lambda q, k, v: kernels.attention(q, k, v, causal=causal),
+        lambda q, k, v: kernels.attention(q, k, v, causal=causal, deterministic=deterministic),
         lambda q, k, v: ops.attention_ref(q, k, v, causal=causal),
         [q, k, v], dtype, bwd_tolerance=ATTENTION_BWD_TOLERANCE[dtype],
     )
 
 
 @dtypes
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize(
     "batch, seq, n_heads, n_kv_heads, head_dim",
-    [(2, 37, 6, 2, 32), (1, 131, 8, 1, 64), (1, 64, 2, 2, 16)],
-    ids=["gqa6:2-d32-seq37", "gqa8:1-d64-seq131", "mha-d16-seq64"],
+    [(2, 37, 6, 2, 32), (1, 131, 8, 1, 64), (1, 64, 2, 2, 16), (1, 45, 8, 1, 128)],
+    ids=["gqa6:2-d32-seq37", "gqa8:1-d64-seq131", "mha-d16-seq64", "gqa8:1-d128-seq45"],
 )
-def test_attention_matches_reference(batch, seq, n_heads, n_kv_heads, head_dim, causal, dtype):
-    check(*qkv(batch, seq, seq, n_heads, n_kv_heads, head_dim, dtype), causal, dtype)
+def test_attention_matches_reference(
+    batch, seq, n_heads, n_kv_heads, head_dim, causal, deterministic, dtype
+):
+    check(*qkv(batch, seq, seq, n_heads, n_kv_heads, head_dim, dtype), causal, dtype,
+          deterministic)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -53,10 +57,13 @@ def test_attention_in_half_precision_stores_that_dtype_and_matches_reference(dty
     check(*qkv(1, 40, 40, 4, 2, 32, dtype), causal=True, dtype=dtype)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_attention_with_fewer_queries_than_keys_aligns_causal_mask_bottom_right(causal):
+def test_attention_with_fewer_queries_than_keys_aligns_causal_mask_bottom_right(
+    causal, deterministic
+):
     # 20 new queries attending to 45 keys: query i sees keys up to i + 25 when causal.
-    check(*qkv(2, 20, 45, 4, 2, 32), causal)
+    check(*qkv(2, 20, 45, 4, 2, 32), causal, deterministic=deterministic)
 
 
 def test_attention_of_views_into_one_fused_qkv_projection():
@@ -67,27 +74,42 @@ def test_attention_of_views_into_one_fused_qkv_projection():
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 120])
 def test_attention_with_each_gpu_launch_config(arch, head_dim, monkeypatch):
     # The interpreter runs the tiles the GPUs use (128-row blocks), so their causal and tail
     # logic is tested here too, not only the interpreter's small tiles.
-    monkeypatch.setattr(runtime, "target", lambda device: runtime.Target(arch, 4))
-    assert attention_module.launch_config(head_dim, arch, torch.bfloat16).fwd.block_m == 128
+    target = runtime.CHIPS[arch].target(arch)
+    monkeypatch.setattr(runtime, "target", lambda device: target)
+    assert attention_module.launch_config(head_dim, target, torch.bfloat16).fwd.block_m == 128
     dtype = DTYPES[0]  # bf16 on a GPU
     if dtype == torch.float32:
         # The interpreter computes in fp32 whatever the tiles: give fp32 inputs the bf16 tiles.
         bf16_tiles = attention_module.launch_config
         monkeypatch.setattr(
             attention_module, "launch_config",
-            lambda hd, a, dtype: bf16_tiles(hd, a, torch.bfloat16),
+            lambda hd, t, dtype: bf16_tiles(hd, t, torch.bfloat16),
         )  # fmt: skip
     check(*qkv(1, 150, 150, 4, 2, head_dim, dtype), causal=True, dtype=dtype)
 
 
-def test_attention_backward_is_deterministic():
+def test_forward_tiles_follow_the_chips_shared_memory_not_its_arch_number():
+    # sm_120 (consumer Blackwell) is a later arch than sm_90 but has 99 KB per block, not 227.
+    tiles = {arch: attention_module.launch_config(128, runtime.CHIPS[arch].target(arch),
+                                                  torch.bfloat16).fwd
+             for arch in (80, 90, 120)}  # fmt: skip
+    assert (tiles[90].block_m, tiles[90].block_n) == (128, 128)
+    assert tiles[120] == tiles[80] and tiles[120].block_n == 64
+
+
+def test_deterministic_attention_backward_is_bit_identical():
     q, k, v = qkv(1, 70, 70, 4, 1, 32)
-    first = forward_backward(lambda q, k, v: kernels.attention(q, k, v), [q, k, v])
-    second = forward_backward(lambda q, k, v: kernels.attention(q, k, v), [q, k, v])
+
+    def run():
+        return forward_backward(
+            lambda q, k, v: kernels.attention(q, k, v, deterministic=True), [q, k, v]
+        )
+
+    first, second = run(), run()
     for a, b in zip(first[0] + first[1], second[0] + second[1], strict=True):
         assert torch.equal(a, b)
 

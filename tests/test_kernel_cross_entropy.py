@@ -1,5 +1,7 @@
 """The Triton cross-entropy against ops.cross_entropy_ref, forward and backward."""
 
+import importlib
+
 import pytest
 import torch
 from kernel_helpers import DEVICE, check_against_reference, dtypes, randn
@@ -96,3 +98,24 @@ def test_cross_entropy_second_backward_through_graph_fails_loudly():
 def test_cross_entropy_rejects_targets_of_other_shape():
     with pytest.raises(ValueError, match=r"logits \(2, 5, 10\) and targets \(2, 4\)"):
         kernels.cross_entropy(randn(2, 5, 10), torch.zeros(2, 4, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("bad", [300, -5], ids=["past-vocab", "negative"])
+def test_cross_entropy_rejects_a_target_outside_the_vocabulary(bad):
+    logits = randn(4, 300)
+    targets = torch.tensor([3, bad, 7, -100], device=DEVICE)
+    with pytest.raises(ValueError, match=rf"cross_entropy: target {bad} is outside \[0, 300\)"):
+        kernels.cross_entropy(logits, targets)
+
+
+def test_cross_entropy_keeps_the_rows_in_flight_within_half_the_l2():
+    runtime = importlib.import_module("llamatrain.kernels._runtime")
+    ce = importlib.import_module("llamatrain.kernels.cross_entropy")
+    for arch in (80, 90, 120):
+        target = runtime.CHIPS[arch].target(arch)
+        row_bytes = 32000 * 2  # a bf16 row of Llama 2's vocabulary
+        programs = ce.rows_in_flight(target, row_bytes)
+        assert programs >= target.num_sms
+        assert programs * row_bytes <= target.l2_cache // 2
+    # A100: 327 rows (21 MB) in flight, not one per resident program (864 rows, 55 MB).
+    assert ce.rows_in_flight(runtime.CHIPS[80].target(80), 64000) == 327

@@ -1,5 +1,7 @@
 """The Triton RMSNorm, with and without its fused residual add, against ops.rms_norm_ref."""
 
+import importlib
+
 import pytest
 import torch
 from kernel_helpers import DEVICE, check_against_reference, dtypes, randn
@@ -72,3 +74,21 @@ def test_rms_norm_rejects_weight_of_wrong_size():
 def test_rms_norm_rejects_residual_of_other_shape():
     with pytest.raises(ValueError, match="residual"):
         kernels.rms_norm(randn(2, 123), randn(123), EPS, residual=randn(3, 123))
+
+
+@pytest.mark.parametrize("n_rows", [3, 37], ids=["fewer-rows-than-programs", "ragged"])
+def test_rms_norm_backward_writes_every_weight_gradient_partial(n_rows, monkeypatch):
+    # The fp32 partials are not zero-filled: each program must store its whole row. Filled with
+    # NaN instead of left uninitialised, any row a program skipped would poison the sum.
+    rmsnorm = importlib.import_module("llamatrain.kernels.rmsnorm")
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        return empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(rmsnorm.torch, "empty", nan_empty)
+    x, w = randn(n_rows, 40), randn(40)
+    check_against_reference(
+        lambda x, w: kernels.rms_norm(x, w, EPS), lambda x, w: ops.rms_norm_ref(x, w, EPS),
+        [x, w], torch.float32,
+    )

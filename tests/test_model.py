@@ -1,5 +1,10 @@
 """The Llama 2 model: exact parameter counts, Meta's rotary convention, world-size-free init."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -95,3 +100,50 @@ def test_init_rows_of_any_slice_equal_the_same_rows_of_the_whole():
     for start, stop in [(0, 150), (150, 300), (37, 201), (299, 300), (64, 128)]:
         part = init_rows("layers.0.attention.wq.weight", shape, start, stop, seed=1, n_layers=2)
         assert torch.equal(part, whole[start:stop])
+
+
+def test_fused_residual_and_loss_equal_the_unfused_model_on_the_same_weights():
+    cfg = small_config()
+    fused, unfused = Transformer(cfg, seed=5), Transformer(cfg, seed=5, fuse_residual=False)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    targets = torch.randint(0, cfg.vocab_size, (2, 12))
+    targets[0, :4] = -1
+    logits = unfused(tokens)
+    torch.testing.assert_close(fused(tokens), logits, rtol=0, atol=0)
+    loss = fused(tokens, targets, ignore_index=-1)
+    ref = ops.cross_entropy_ref(logits, targets, ignore_index=-1)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+
+
+def test_fused_loss_refuses_a_tensor_parallel_output_projection():
+    # Run apart: it needs a process group (one gloo rank) for the DTensor mesh.
+    code = """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+from llamatrain.config import ModelConfig
+from llamatrain.model import Transformer
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16,
+                  max_seq_len=8)
+model = parallelize_module(Transformer(cfg), init_device_mesh("cpu", (1,)),
+                           {"output": ColwiseParallel(use_local_output=False)})
+tokens = torch.randint(0, 64, (1, 8))
+print(tuple(model(tokens).shape))
+try:
+    model(tokens, tokens)
+except ValueError as e:
+    print(e)
+dist.destroy_process_group()
+"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PORT=str(port)))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    shape, message = done.stdout.strip().splitlines()[-2:]
+    assert shape == "(1, 8, 64)"
+    assert message.startswith("kernels.fused_loss = true needs an output projection that is not")

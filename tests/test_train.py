@@ -14,8 +14,15 @@ import time
 import pytest
 from conftest import REPO, losses, run_train, tiny_args, train_command
 
-from llamatrain.config import TrainConfig
-from llamatrain.train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, batch_geometry, lr_at
+from llamatrain import ops
+from llamatrain.config import TrainConfig, load_config
+from llamatrain.train import (
+    REQUEUE_EXIT_CODE,
+    REQUEUE_MARKER,
+    attention_backward,
+    batch_geometry,
+    lr_at,
+)
 
 STOP = {"LLAMATRAIN_FAULT_STOP_STEP": "6"}
 
@@ -237,6 +244,56 @@ def test_activation_checkpointing_and_compile_keep_the_losses(runs, prepared_dat
     full = losses(runs["full1"])
     for step, loss in losses(run_dir).items():
         assert loss == full[step] if exact else math.isclose(loss, full[step], rel_tol=1e-4)
+
+
+def test_deterministic_training_selects_the_deterministic_attention_backward(monkeypatch):
+    def backward_of(*overrides):
+        return attention_backward(load_config(str(REPO / "configs/tiny.toml"), list(overrides)))
+
+    assert backward_of() == "atomic"
+    assert backward_of("--train.deterministic=true") == "deterministic"
+    assert backward_of("--kernels.attention_backward=deterministic") == "deterministic"
+    # ...and ops hands the choice to the kernel on every call.
+    seen = []
+    ops.set_backend("triton", "cpu", backward_of("--train.deterministic=true"))
+    try:
+        monkeypatch.setattr(ops._kernels, "attention",
+                            lambda q, k, v, causal, deterministic: seen.append(deterministic))
+        ops.attention(*[None] * 3)
+        ops.set_backend("triton", "cpu", "atomic")
+        ops.attention(*[None] * 3)
+    finally:
+        ops.set_backend("torch")
+    assert seen == [True, False]
+
+
+UNFUSED = {"kernels.fused_loss": "false", "kernels.fused_residual": "false"}
+
+
+def test_fused_loss_and_residual_train_with_the_losses_of_the_unfused_path(runs, prepared_data,
+                                                                           tmp_path):
+    # runs["full1"] has the defaults: fused output projection + loss, every residual in a norm.
+    run_dir = tmp_path / "unfused"
+    check(run_train(tiny_args(prepared_data, run_dir, **UNFUSED)))
+    fused, unfused = losses(runs["full1"]), losses(run_dir)
+    assert fused.keys() == unfused.keys() and len(fused) == 12
+    for step, loss in unfused.items():
+        assert math.isclose(fused[step], loss, rel_tol=1e-5)
+
+
+def test_fused_loss_with_sft_ignore_index_equals_the_unfused_loss(prepared_data, tmp_path):
+    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"the sum is {2 * i}."}
+            for i in range(100)]
+    source = tmp_path / "sft.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = {"data.format": "sft", "data.source": source, "train.steps": 3,
+           "data.tokenizer": prepared_data / "tokenizer.model", "train.warmup_steps": 0}
+    for name, extra in (("fused", {}), ("unfused", UNFUSED)):
+        check(run_train(tiny_args(prepared_data, tmp_path / name, **sft, **extra)))
+    fused, unfused = losses(tmp_path / "fused"), losses(tmp_path / "unfused")
+    assert len(fused) == 3 and fused.keys() == unfused.keys()
+    for step, loss in unfused.items():
+        assert math.isclose(fused[step], loss, rel_tol=1e-5)
 
 
 def test_missing_optional_packages_are_one_clear_line(prepared_data, tmp_path):

@@ -126,6 +126,19 @@ class ParallelConfig:
 @dataclass
 class KernelsConfig:
     backend: str = _f("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch.")
+    attention_backward: str = _f(
+        "atomic", "Triton attention backward: atomic (dQ summed with fp32 atomics in the dK/dV "
+        "pass, 5 GEMMs per block pair) or deterministic (dQ in its own kernel, bit-identical "
+        "reruns); train.deterministic = true selects deterministic.",
+    )  # fmt: skip
+    fused_loss: bool = _f(
+        True, "Output projection and cross-entropy fused, in chunks of tokens (no full logits); "
+        "false: logits, then the loss (e.g. for a vocabulary-sharded output).",
+    )  # fmt: skip
+    fused_residual: bool = _f(
+        True, "Every residual add inside an RMSNorm kernel; false: the block output add as its "
+        "own op (e.g. for norms that cannot take the residual under a parallel plan).",
+    )  # fmt: skip
 
 
 @dataclass
@@ -331,6 +344,8 @@ def validate(cfg: Config) -> Config:
     _choice("parallel.activation_checkpointing", p.activation_checkpointing,
             ("none", "full", "selective"))
     _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))
+    _choice("kernels.attention_backward", cfg.kernels.attention_backward,
+            ("atomic", "deterministic"))  # fmt: skip
     _positive("checkpoint.interval", cfg.checkpoint.interval)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("metrics.log_interval", cfg.metrics.log_interval)

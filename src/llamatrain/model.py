@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from llamatrain import ops
 from llamatrain.config import ModelConfig
@@ -41,8 +42,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """rms_norm(x); with `residual`, the residual add fused in: (rms_norm(x + residual),
+        x + residual)."""
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 class Attention(nn.Module):
@@ -85,17 +90,29 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        a = self.attention(self.attention_norm(x), cos, sin)
-        # The residual add is fused into the second norm: one pass over the activations, not two.
-        normed, h = ops.rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=x)
-        return h + self.feed_forward(normed)
+    def forward(
+        self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's input is h + delta (h alone when delta is None); returns (h', delta')
+        whose sum is its output. Both residual adds happen inside the norms (one pass over the
+        activations, not two): the previous block's output add in attention_norm, the
+        attention's in ffn_norm; the feed-forward's is left to the next norm."""
+        if delta is None:
+            normed = self.attention_norm(h)
+        else:
+            normed, h = self.attention_norm(delta, residual=h)
+        normed, h = self.ffn_norm(self.attention(normed, cos, sin), residual=h)
+        return h, self.feed_forward(normed)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, seed: int = 0):
+    """`fuse_residual=False` adds each block's output to the stream outside the next norm, for
+    layouts whose norms cannot take the residual (the weights are the same either way)."""
+
+    def __init__(self, cfg: ModelConfig, *, seed: int = 0, fuse_residual: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.fuse_residual = fuse_residual
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -120,13 +137,36 @@ class Transformer(nn.Module):
                                   n_layers=self.cfg.n_layers))
         self.init_rope()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab); with `targets`, the mean cross-entropy over targets !=
+        ignore_index instead, from the output projection and loss fused (no full logits)."""
+        h, delta = self.tok_embeddings(tokens), None
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+            if delta is not None and not self.fuse_residual:
+                h, delta = h + delta, None
+            h, delta = layer(h, delta, cos, sin)
+        if delta is None:  # no layers
+            normed = self.norm(h)
+        elif self.fuse_residual:
+            normed, _ = self.norm(delta, residual=h)
+        else:
+            normed = self.norm(h + delta)
+        if targets is None:
+            return self.output(normed)
+        if isinstance(self.output.weight, DTensor):
+            # FSDP hands forward plain tensors; a DTensor here is tensor-parallel (vocabulary
+            # sharded): the fused loss would see a shard of the vocabulary as if it were all.
+            raise ValueError(
+                "kernels.fused_loss = true needs an output projection that is not tensor-parallel; "
+                "set kernels.fused_loss = false to take the loss of the sharded logits"
+            )
+        return ops.linear_cross_entropy(normed.flatten(0, 1), self.output.weight,
+                                        targets.flatten(), ignore_index)  # fmt: skip
 
 
 def init_std(name: str, n_layers: int) -> float | None:

@@ -15,19 +15,27 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "torch")
+ATTENTION_BACKWARDS = ("atomic", "deterministic")
 
 _kernels: ModuleType | None = None
+_deterministic_attention = False
 
 
-def set_backend(backend: str, device_type: str = "cpu") -> str:
+def set_backend(backend: str, device_type: str = "cpu", attention_backward: str = "atomic") -> str:
     """Select the implementation of every op; returns the resolved backend (`triton` or `torch`).
 
     On a CPU, `triton` runs the kernels through Triton's interpreter: importing
     `llamatrain.kernels` takes care that the interpreter is on before Triton is imported.
+    `attention_backward` chooses the Triton attention backward: `atomic` (dQ summed with atomics
+    in the dK/dV pass, FlashAttention-2's 5 GEMMs) or `deterministic` (bit-identical reruns).
     """
-    global _kernels
+    global _kernels, _deterministic_attention
     if backend not in BACKENDS:
         raise ValueError(f"kernels.backend = {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if attention_backward not in ATTENTION_BACKWARDS:
+        raise ValueError(f"kernels.attention_backward = {attention_backward!r}: expected one of "
+                         f"{', '.join(ATTENTION_BACKWARDS)}")  # fmt: skip
+    _deterministic_attention = attention_backward == "deterministic"
     if backend == "auto":
         backend = "triton" if device_type == "cuda" else "torch"
     if backend == "torch":
@@ -102,6 +110,13 @@ def cross_entropy_ref(
     return total / count
 
 
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """cross_entropy_ref of the logits hidden @ weight.T: the unfused output projection + loss."""
+    return cross_entropy_ref(F.linear(hidden, weight), targets, ignore_index)
+
+
 # ---------------------------------------------------------------------------------------------
 # What the model calls
 
@@ -139,7 +154,7 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True
 ) -> torch.Tensor:
     if _kernels is not None:
-        return _kernels.attention(q, k, v, causal=causal)
+        return _kernels.attention(q, k, v, causal=causal, deterministic=_deterministic_attention)
     # SDPA picks flash/memory-efficient kernels where it can and repeats no k/v (enable_gqa).
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -157,3 +172,12 @@ def cross_entropy(
     if _kernels is not None:
         return _kernels.cross_entropy(logits, targets, ignore_index=ignore_index)
     return cross_entropy_ref(logits, targets, ignore_index)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of hidden @ weight.T at targets; fused (no full logits) with kernels."""
+    if _kernels is not None:
+        return _kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
+    return linear_cross_entropy_ref(hidden, weight, targets, ignore_index)

@@ -196,6 +196,12 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def attention_backward(cfg: Config) -> str:
+    """The attention backward a run uses: the deterministic one whenever train.deterministic asks
+    for bit-identical reruns, else kernels.attention_backward."""
+    return "deterministic" if cfg.train.deterministic else cfg.kernels.attention_backward
+
+
 class Trainer:
     def __init__(self, cfg: Config, world: World, stop: StopFlag | None = None):
         # Optional packages asked for and missing: one line now, not after data and model.
@@ -209,7 +215,8 @@ class Trainer:
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
         self.global_batch, self.accum = batch_geometry(cfg.train, world.world_size)
-        self.backend = ops.set_backend(cfg.kernels.backend, self.device.type)
+        self.backend = ops.set_backend(cfg.kernels.backend, self.device.type,
+                                       attention_backward(cfg))  # fmt: skip
         self.faults = Faults.from_env()
         self.staging_wait_s = 0.0  # time the loop waited for async checkpoint staging
         self.loader: BatchLoader | None = None  # started at the first step, after a restore
@@ -308,7 +315,7 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg, world = self.cfg, self.world
         with torch.device("meta"):
-            model = Transformer(cfg.model)
+            model = Transformer(cfg.model, fuse_residual=cfg.kernels.fused_residual)
         self.num_params = num_params(model)
         use_fsdp = world.world_size > 1 or self.device.type == "cuda"
         self.mesh = build_mesh(cfg.parallel, world) if use_fsdp else None
@@ -384,9 +391,12 @@ class Trainer:
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over unmasked targets, their count) of one micro-batch."""
-        logits = self.model(batch["input_ids"])
         labels = batch["labels"]
-        loss = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)
+        if self.cfg.kernels.fused_loss:
+            loss = self.model(batch["input_ids"], labels, ignore_index=IGNORE_INDEX)
+        else:
+            logits = self.model(batch["input_ids"])
+            loss = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)
         return loss, (labels != IGNORE_INDEX).sum()
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
