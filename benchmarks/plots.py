@@ -89,11 +89,12 @@ def scaling_plot(projections: dict[str, dict[str, Any]], out: Path, stem: str) -
         return []
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, proj) in enumerate(projections.items()):
-        gpus = [r["gpus"] for r in proj["scaling"]]
+        rows = [r for r in proj["scaling"] if r["feasible"]]  # the trainer's layouts only
+        gpus = [r["gpus"] for r in rows]
         colour = f"C{i}"
-        ax.plot(gpus, [r["ib_efficiency"] for r in proj["scaling"]], "-o", color=colour,
+        ax.plot(gpus, [r["ib_efficiency"] for r in rows], "-o", color=colour,
                 markersize=3, label=f"{name} InfiniBand")
-        ax.plot(gpus, [r["roce_efficiency"] for r in proj["scaling"]], "--s", color=colour,
+        ax.plot(gpus, [r["roce_efficiency"] for r in rows], "--s", color=colour,
                 markersize=3, label=f"{name} RoCE")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.05)
@@ -101,7 +102,7 @@ def scaling_plot(projections: dict[str, dict[str, Any]], out: Path, stem: str) -
     ax.set_xlabel("GPUs (A100, 8 per node, 8 x 200 Gbps per node)")
     ax.set_ylabel("scaling efficiency (compute / step time)")
     batch = next(iter(projections.values()))["global_batch_tokens"]
-    ax.set_title(f"FSDP at a {batch / 2**20:g}M-token global batch: modelled scaling")
+    ax.set_title(f"FSDP + TP at a {batch / 2**20:g}M-token global batch: modelled scaling")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / f"{stem}-scaling.png"

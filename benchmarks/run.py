@@ -35,6 +35,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SUB_BENCHMARKS = ("data", "train", "checkpoint")
 PROJECTED = ("llama2_7b", "llama2_70b")
+# Layouts the trainer accepts on 2,048 GPUs (at most 1,024 data-parallel ranks for 1,024
+# sequences per step): tensor parallelism inside the node.
+PROJECTED_LAYOUT = {"llama2_7b": ["--parallel.tp=2", "--train.micro_batch_size=1"],
+                    "llama2_70b": ["--parallel.tp=8"]}
 OPTIONAL_PACKAGES = ("liger_kernel", "flash_attn", "apex", "nvidia-ml-py", "triton", "numpy")
 PROFILE_ENV = "LLAMATRAIN_BENCH_PROFILE_DIR"
 
@@ -203,12 +207,9 @@ def accounting_section() -> dict[str, Any]:
         if not path.is_file():
             print(f"accounting: {path} not found, no projection for {name}")
             continue
-        cfg = load_config(path)
+        cfg = load_config(path, PROJECTED_LAYOUT[name])
         projections[name] = carbon.project(carbon.Plan(
-            model=cfg.model, tokens=2e12, num_gpus=2048, device="a100", seq_len=cfg.train.seq_len,
-            global_batch_tokens=cfg.train.global_batch_tokens, dp_shard=cfg.parallel.dp_shard,
-            dp_replicate=cfg.parallel.dp_replicate, fabric="ib",
-        ))
+            config=cfg, tokens=2e12, num_gpus=2048, device="a100", fabric="ib"))
     return {"table2": table2, "projections": projections}
 
 
@@ -363,9 +364,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"Projection of {name}: 2T tokens on 2,048 A100s at MFU {p['mfu']:.0%} with "
                   f"FSDP on InfiniBand: {p['gpu_hours']:,.0f} GPU-hours, {p['days']:.1f} days, "
                   f"{p['tco2eq']:.1f} tCO2eq.", ""]
-        lines += _table(["GPUs", "shard", "tokens/GPU", "IB efficiency", "RoCE efficiency"],
-                        [[r["gpus"], r["dp_shard"], f"{r['tokens_per_gpu']:,.0f}",
+        lines += _table(["GPUs", "tp", "shard", "tokens/GPU", "IB efficiency", "RoCE efficiency"],
+                        [[r["gpus"], r["tp"], r["dp_shard"], f"{r['tokens_per_gpu']:,.0f}",
                           f"{r['ib_efficiency']:.1%}", f"{r['roce_efficiency']:.1%}"]
+                         if r["feasible"] else
+                         [r["gpus"], "", "", f"{r['tokens_per_gpu']:,.0f}", "infeasible", ""]
                          for r in p["scaling"]])
     lines += ["This benchmark run: " + carbon.format_accounting(acct["this_run"]), ""]
     if results.get("profile_trace"):

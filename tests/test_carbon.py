@@ -1,4 +1,5 @@
-"""carbon.py: Table 2 reproduced, run accounting from NVML or TDP, projections, the FSDP model."""
+"""carbon.py: Table 2 reproduced, run accounting from NVML or TDP, projections through plan.py's
+layouts and step-time model."""
 
 import json
 import subprocess
@@ -128,10 +129,16 @@ def test_energy_meter_never_raises_when_nvml_fails(monkeypatch):
     assert carbon.EnergyMeter("cuda:0").kwh() is None
 
 
+# Layouts the trainer accepts at 2,048 GPUs: 1,024 sequences per step leave at most 1,024
+# data-parallel ranks, so tensor parallelism takes the rest.
+AT_2048 = {"7b": ("--parallel.tp=2", "--train.micro_batch_size=1"), "70b": ("--parallel.tp=8",)}
+
+
 @pytest.mark.parametrize(("name", "table2_hours"), [("7b", 184_320), ("70b", 1_720_320)])
 def test_project_with_the_paper_mfu_lands_within_5_percent_of_table2(capsys, name, table2_hours):
     out = run_main(capsys, "project", "--config", str(ROOT / f"configs/llama2_{name}.toml"),
-                   "--tokens", "2e12", "--gpus", "2048", "--device", "a100", "--json")
+                   "--tokens", "2e12", "--gpus", "2048", "--device", "a100", "--json",
+                   *AT_2048[name])
     result = json.loads(out)
     assert result["mfu"] == carbon.PAPER_MFU
     assert result["gpu_hours"] == pytest.approx(table2_hours, rel=0.05)
@@ -153,33 +160,47 @@ def test_project_from_a_measured_throughput_inverts_mfu(capsys):
 
 def scaling(capsys, name: str, *extra: str) -> dict[int, dict]:
     out = run_main(capsys, "project", "--config", str(ROOT / f"configs/llama2_{name}.toml"),
-                   "--tokens", "2e12", "--gpus", "2048", "--device", "a100", "--json", *extra)
+                   "--tokens", "2e12", "--gpus", "1024", "--device", "a100", "--json", *extra)
     return {row["gpus"]: row for row in json.loads(out)["scaling"]}
 
 
-@pytest.mark.parametrize("name", ["7b", "70b"])
-def test_roce_scales_almost_as_well_as_ib_to_2048_gpus_then_both_fall_off(capsys, name):
-    rows = scaling(capsys, name)
+def test_the_pure_fsdp_70b_is_infeasible_beyond_1024_gpus_and_gets_no_efficiency(capsys):
+    rows = scaling(capsys, "70b")  # full FSDP over every GPU, tp = 1
+    for g in (2048, 4096, 8192):
+        assert not rows[g]["feasible"] and rows[g]["ib_efficiency"] is None
+        assert rows[g]["roce_efficiency"] is None
+        assert rows[g]["refusal"].startswith("train.global_batch_tokens = 4194304: not a "
+                                             f"multiple of data-parallel ranks x micro_batch_size"
+                                             f" x seq_len = {g} x 1 x 4096")
+    assert all(rows[g]["feasible"] for g in (8, 64, 1024))
+
+
+def test_tensor_parallel_70b_at_2048_gpus_pays_for_nvlink_traffic_then_falls_off(capsys):
+    rows = scaling(capsys, "70b", "--parallel.tp=8")
     at_2048 = rows[2048]
-    assert at_2048["ib_efficiency"] > 0.95
-    assert at_2048["roce_efficiency"] > 0.95
-    assert at_2048["ib_efficiency"] - at_2048["roce_efficiency"] < 0.02
+    assert (at_2048["tp"], at_2048["dp_shard"]) == (8, 256)
+    # Sequence-parallel all-gathers and reduce-scatters on NVLink cost about 14% of compute.
+    assert 0.80 < at_2048["roce_efficiency"] <= at_2048["ib_efficiency"] < 0.90
+    assert at_2048["ib_efficiency"] - at_2048["roce_efficiency"] < 0.01
     assert all(r["roce_efficiency"] <= r["ib_efficiency"] for r in rows.values())
     # At a fixed 4M-token batch, 8,192 GPUs leave too little compute to hide the traffic.
     assert rows[8192]["ib_efficiency"] < 0.5
 
 
 def test_fsdp_traffic_per_node_is_two_bf16_gathers_and_an_fp32_reduce_scatter(capsys):
-    rows = scaling(capsys, "70b")  # full FSDP over every GPU
     n = flops.num_params(load_config(ROOT / "configs/llama2_70b.toml").model)
-    for g in (64, 2048):
+    rows = scaling(capsys, "70b")  # full FSDP over every GPU
+    for g in (64, 1024):
         assert rows[g]["dp_shard"] == g
         assert rows[g]["node_gb_per_step"] == pytest.approx((g - 1) / g * n * (2 + 2 + 4) / 1e9)
+    # With tp = 8 each node carries 8 rings of an eighth of the model over 256 data ranks.
+    tp8 = scaling(capsys, "70b", "--parallel.tp=8")[2048]
+    assert tp8["node_gb_per_step"] == pytest.approx(255 / 256 * n * (2 + 2 + 4) / 1e9)
 
 
 def test_slower_links_lower_the_scaling_efficiency(capsys):
-    fast = scaling(capsys, "7b")[2048]
-    slow = scaling(capsys, "7b", "--link-gbps", "50")[2048]
+    fast = scaling(capsys, "7b", *AT_2048["7b"])[2048]
+    slow = scaling(capsys, "7b", *AT_2048["7b"], "--link-gbps", "50")[2048]
     # A quarter of the bandwidth: the inter-node part takes four times as long; NVLink's does not.
     assert slow["ib_comm_s"] > 2 * fast["ib_comm_s"]
     assert slow["ib_efficiency"] < fast["ib_efficiency"] - 0.3
@@ -187,20 +208,22 @@ def test_slower_links_lower_the_scaling_efficiency(capsys):
 
 def test_project_with_a_fabric_divides_gpu_hours_by_its_efficiency(capsys):
     cfg = str(ROOT / "configs/llama2_7b.toml")
-    base = json.loads(run_main(capsys, "project", "--config", cfg, "--tokens", "2e12", "--gpus",
-                               "4096", "--json"))
-    roce = json.loads(run_main(capsys, "project", "--config", cfg, "--tokens", "2e12", "--gpus",
-                               "4096", "--fabric", "roce", "--json"))
+    args = ("--tokens", "2e12", "--gpus", "4096", "--parallel.tp=4",
+            "--train.micro_batch_size=1", "--json")
+    base = json.loads(run_main(capsys, "project", "--config", cfg, *args))
+    roce = json.loads(run_main(capsys, "project", "--config", cfg, *args, "--fabric", "roce"))
     assert roce["scaling_efficiency"] < 0.9
     assert roce["gpu_hours"] == pytest.approx(base["gpu_hours"] / roce["scaling_efficiency"])
 
 
 def test_project_prints_a_scaling_table(capsys):
     out = run_main(capsys, "project", "--config", str(ROOT / "configs/llama2_70b.toml"),
-                   "--tokens", "2e12", "--gpus", "2048", "--fabric", "ib")
+                   "--tokens", "2e12", "--gpus", "1024", "--fabric", "ib")
     assert "InfiniBand scaling efficiency" in out
     assert "RoCE eff" in out
-    assert any(line.split()[0] == "2048" for line in out.splitlines() if line.strip())
+    assert any(line.split()[0] == "1024" for line in out.splitlines() if line.strip())
+    assert any(line.split()[:2] == ["2048", "infeasible:"] for line in out.splitlines()
+               if line.strip())
 
 
 @pytest.mark.parametrize(
@@ -210,7 +233,12 @@ def test_project_prints_a_scaling_table(capsys):
         (["project", "--config", "configs/llama2_7b.toml", "--tokens", "1e12", "--gpus", "8",
           "--device", "cpu", "--mfu", "0.4"], "device = 'cpu'"),
         (["project", "--config", "configs/llama2_7b.toml", "--tokens", "1e12", "--gpus", "12"],
-         "gpus = 12"),
+         "must multiply to the world size 12 (at 12 GPUs)"),
+        (["project", "--config", "configs/llama2_70b.toml", "--tokens", "2e12", "--gpus", "2048",
+          "--fabric", "roce"], "(at 2048 GPUs); the trainer accepts --parallel.tp=2 "),
+        (["project", "--config", "configs/llama2_70b.toml", "--tokens", "2e12", "--gpus", "2048",
+          "--gpus-per-node", "4", "--parallel.tp=8"], "parallel.tp = 8: must divide the 4 GPUs "
+         "per node"),
         (["estimate", "--gpu-hours", "5"], "--power-w"),
     ],
 )

@@ -11,20 +11,21 @@ from llamatrain.config import ParallelConfig
 from llamatrain.parallel import mesh_shape
 
 
-@pytest.mark.parametrize(("nproc", "replicate"), [(2, 1), (3, 1), (2, 2)])
-def test_sharded_init_gives_the_same_full_weights_at_any_world_size(nproc, replicate):
+@pytest.mark.parametrize(("nproc", "replicate", "tp"),
+                         [(2, 1, 1), (3, 1, 1), (2, 2, 1), (2, 1, 2), (4, 2, 2)])
+def test_sharded_init_gives_the_same_full_weights_at_any_layout(nproc, replicate, tp):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc-per-node={nproc}", "tests/dist_init_check.py", str(replicate)],
+         f"--nproc-per-node={nproc}", "tests/dist_init_check.py", str(replicate), str(tp)],
         cwd=REPO, capture_output=True, text=True, timeout=180,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_mesh_shape_fills_in_the_automatic_axis_and_rejects_mismatches():
-    assert mesh_shape(ParallelConfig(dp_shard=-1, dp_replicate=1), 16) == (1, 16)
-    assert mesh_shape(ParallelConfig(dp_shard=8, dp_replicate=-1), 32) == (4, 8)
-    assert mesh_shape(ParallelConfig(dp_shard=-1, dp_replicate=2), 16) == (2, 8)
+    assert mesh_shape(ParallelConfig(dp_shard=-1, dp_replicate=1), 16) == (1, 16, 1)
+    assert mesh_shape(ParallelConfig(dp_shard=8, dp_replicate=-1), 32) == (4, 8, 1)
+    assert mesh_shape(ParallelConfig(dp_shard=-1, dp_replicate=2), 16) == (2, 8, 1)
     with pytest.raises(ValueError, match="must multiply to the world size 12"):
         mesh_shape(ParallelConfig(dp_shard=8, dp_replicate=-1), 12)
 

@@ -210,8 +210,8 @@ def test_cosine_schedule_warms_up_then_decays_to_ten_percent():
 def test_global_batch_must_divide_into_micro_batches_and_names_the_numbers():
     cfg = TrainConfig(global_batch_tokens=4096 * 1000, micro_batch_size=1, seq_len=4096)
     assert batch_geometry(cfg, 8) == (1000, 125)
-    with pytest.raises(ValueError, match=r"world_size x micro_batch_size x seq_len = 3 x 1 x "
-                                         r"4096 = 12288"):
+    with pytest.raises(ValueError, match=r"data-parallel ranks x micro_batch_size x seq_len = 3 x "
+                                         r"1 x 4096 = 12288"):
         batch_geometry(cfg, 3)
 
 

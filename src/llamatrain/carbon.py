@@ -1,5 +1,6 @@
 """Run accounting and projections: GPU-hours, energy and carbon of a finished run, the paper's
-Table 2, and the cost of a planned run with a model of FSDP's communication on IB or RoCE.
+Table 2, and the cost of a planned run, whose layouts and step times on IB or RoCE come from
+llamatrain.plan (the rules the trainer applies).
 
 Method (Llama 2 §2.2.1, Table 2): energy = devices x hours x power x PUE, where the power is NVML's
 measured total-energy counter when there is one, else the configured power or the device's TDP;
@@ -24,8 +25,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from llamatrain.config import CarbonConfig, ModelConfig, load_config, run_cli
+from llamatrain.config import CarbonConfig, Config, load_config, run_cli
 from llamatrain.flops import flops_per_token, num_params, peak_flops
+from llamatrain.plan import (
+    FABRICS,
+    candidate_layouts,
+    check_layout,
+    device_spec,
+    state_bytes,
+    step_model,
+)
 
 # (model, GPU-hours, W per GPU, tCO2eq): Table 2 of the paper.
 TABLE2: tuple[tuple[str, float, float, float], ...] = (
@@ -221,126 +230,7 @@ def format_accounting(acct: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# FSDP communication model
-
-
-@dataclass(frozen=True)
-class Fabric:
-    """What NCCL gets out of a node's network links.
-
-    efficiency: fraction of the line rate that NCCL's bus bandwidth reaches; hop_latency_us: the
-    latency of one inter-node step of a ring. InfiniBand: 0.92 (about 23 of 25 GB/s per 200 Gbps
-    HDR port in nccl-tests) and 5 us. RoCE is an assumption, not a measurement: Ethernet framing
-    and PFC/ECN congestion control cost bandwidth (0.85) and its switches add latency (8 us).
-    """
-
-    name: str
-    efficiency: float
-    hop_latency_us: float
-
-
-FABRICS = {"ib": Fabric("InfiniBand", 0.92, 5.0), "roce": Fabric("RoCE", 0.85, 8.0)}
-
-# Approximate nccl-tests bus bandwidth (GB/s) of an 8-GPU NVLink node, and a ring step over it.
-_NVLINK_GBS: tuple[tuple[str, float], ...] = (("a100", 230.0), ("h100", 370.0), ("h200", 370.0))
-NVLINK_HOP_US = 1.0
-
-PARAM_BYTES = 2  # bf16 all-gather (FSDP2 MixedPrecisionPolicy param_dtype)
-GRAD_BYTES = 4  # fp32 reduce-scatter / all-reduce (reduce_dtype)
-STATE_BYTES = 16  # fp32 parameter, gradient and two AdamW moments, sharded
-
-
-def nvlink_gbs(device_name: str) -> float:
-    name = device_name.lower()
-    return next((gbs for pattern, gbs in _NVLINK_GBS if pattern in name), 230.0)
-
-
-def fsdp_step(
-    model_cfg: ModelConfig,
-    *,
-    num_gpus: int,
-    dp_shard: int,
-    tokens_per_step: float,
-    flops_per_token_: float,
-    flops_per_s_per_gpu: float,
-    fabric: Fabric,
-    link_gbps: float,
-    device_name: str,
-    gpus_per_node: int = 8,
-    nics_per_node: int = 8,
-) -> dict[str, float]:
-    """Time of one optimizer step of FSDP2 on num_gpus, compute against communication.
-
-    Per step every GPU all-gathers the parameters twice (forward, backward) and reduce-scatters
-    the gradients within its shard group of dp_shard GPUs; with replicas (HSDP) each GPU then
-    all-reduces its gradient shard across them. A ring inside one node runs over NVLink; a ring
-    across nodes moves, per node, what one GPU sends (data enters a node once and fans out over
-    NVLink), spread over the node's NICs; the replica all-reduces are per GPU, so a node moves
-    gpus_per_node times one. Latency: one hop per ring step ((n-1) network hops and the rest
-    NVLink), 2 log2(R) network hops for an all-reduce (NCCL's tree). Each of the L + 1 FSDP units
-    (blocks and the root) issues its own collectives; they overlap with compute through
-    prefetching, except the first unit's all-gather and the last unit's reductions.
-    """
-    g, s = num_gpus, min(dp_shard, num_gpus)
-    r = g // s
-    n = num_params(model_cfg)
-    units = model_cfg.n_layers + 1
-    net_bps = nics_per_node * link_gbps / 8 * 1e9 * fabric.efficiency
-    nvl_bps = nvlink_gbs(device_name) * 1e9
-    net_hop, nvl_hop = fabric.hop_latency_us * 1e-6, NVLINK_HOP_US * 1e-6
-
-    ag = rs = ar = 0.0  # seconds for one whole-model collective of each kind
-    lat_ag = lat_ar = 0.0  # seconds of latency per unit-sized collective
-    node_bytes = 0.0
-    if s > 1:
-        ag_bytes = (s - 1) / s * n * PARAM_BYTES
-        rs_bytes = (s - 1) / s * n * GRAD_BYTES
-        if s <= gpus_per_node:
-            bps, lat_ag = nvl_bps, (s - 1) * nvl_hop
-        else:
-            nodes = math.ceil(s / gpus_per_node)
-            bps, lat_ag = min(nvl_bps, net_bps), (nodes - 1) * net_hop + (s - nodes) * nvl_hop
-            node_bytes += 2 * ag_bytes + rs_bytes
-        ag, rs = ag_bytes / bps, rs_bytes / bps
-    if r > 1:
-        ar_bytes = 2 * (r - 1) / r * n / s * GRAD_BYTES
-        if g <= gpus_per_node:
-            ar, lat_ar = ar_bytes / nvl_bps, 2 * (r - 1) * nvl_hop
-        else:
-            per_node = gpus_per_node * ar_bytes
-            ar, lat_ar = per_node / net_bps, 2 * math.ceil(math.log2(r)) * net_hop
-            node_bytes += per_node
-    comm = 2 * ag + rs + ar + units * (3 * lat_ag + lat_ar)
-    exposed = (ag + rs + ar) / units + 2 * lat_ag + lat_ar
-    tokens_per_gpu = tokens_per_step / g
-    compute = tokens_per_gpu * flops_per_token_ / flops_per_s_per_gpu
-    step = compute + exposed + max(0.0, comm - compute)
-    return {
-        "gpus": g,
-        "dp_shard": s,
-        "dp_replicate": r,
-        "tokens_per_gpu": tokens_per_gpu,
-        "state_gb_per_gpu": n * STATE_BYTES / s / 1e9,
-        "node_gb_per_step": node_bytes / 1e9,
-        "compute_s": compute,
-        "comm_s": comm,
-        "step_s": step,
-        "efficiency": compute / step,
-    }
-
-
-def resolve_shard(dp_shard: int, dp_replicate: int, num_gpus: int) -> int:
-    """parallel.dp_shard for num_gpus GPUs (-1: what dp_replicate leaves)."""
-    if dp_shard == -1:
-        shard = num_gpus // dp_replicate if dp_replicate > 0 else num_gpus
-    else:
-        shard = min(dp_shard, num_gpus)
-    if shard < 1 or num_gpus % shard:
-        raise ValueError(
-            f"gpus = {num_gpus}: must be a multiple of the shard group (parallel.dp_shard = "
-            f"{dp_shard}, parallel.dp_replicate = {dp_replicate})"
-        )
-    return shard
+# Projection
 
 
 def scaling_gpu_counts(num_gpus: int, gpus_per_node: int) -> list[int]:
@@ -352,22 +242,15 @@ def scaling_gpu_counts(num_gpus: int, gpus_per_node: int) -> list[int]:
     return sorted(set(counts) | {num_gpus})
 
 
-# ---------------------------------------------------------------------------------------------
-# Projection
-
-
 @dataclass
 class Plan:
-    """A planned run: the model, its data and parallel layout, and the cluster it would run on."""
+    """A planned run: its config (model, batch and parallel layout) and the cluster it would run
+    on."""
 
-    model: ModelConfig
+    config: Config
     tokens: float
     num_gpus: int
     device: str
-    seq_len: int
-    global_batch_tokens: float
-    dp_shard: int = -1
-    dp_replicate: int = 1
     mfu: float | None = None
     tokens_per_s_per_gpu: float | None = None
     fabric: str | None = None
@@ -380,7 +263,11 @@ class Plan:
 
 
 def project(plan: Plan) -> dict[str, Any]:
-    """GPU-hours, days, energy and carbon of a planned run, with the IB/RoCE scaling table."""
+    """GPU-hours, days, energy and carbon of a planned run, with the IB/RoCE scaling table.
+
+    Layouts and step times come from llamatrain.plan: a GPU count at which the trainer would
+    refuse the config's layout is a row marked infeasible, without an efficiency, and a projection
+    at such a count is an error naming a layout the trainer accepts."""
     _check("tokens", plan.tokens, strict=True)
     for key in ("num_gpus", "gpus_per_node", "nics_per_node"):
         if getattr(plan, key) < 1:
@@ -388,48 +275,38 @@ def project(plan: Plan) -> dict[str, Any]:
     _check("link_gbps", plan.link_gbps, strict=True)
     if plan.fabric is not None and plan.fabric not in FABRICS:
         raise ValueError(f"fabric = {plan.fabric!r}: expected one of {', '.join(FABRICS)}")
-    resolve_shard(plan.dp_shard, plan.dp_replicate, plan.num_gpus)
-    fpt = flops_per_token(plan.model, plan.seq_len)
-    peak = peak_flops(plan.device, "bf16")
+    cfg = plan.config
+    device = device_spec(plan.device)
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+    peak = peak_flops(device.name, "bf16")
     if plan.tokens_per_s_per_gpu is not None:
         _check("tokens_per_s_per_gpu", plan.tokens_per_s_per_gpu, strict=True)
         tps = plan.tokens_per_s_per_gpu
-        mfu = tps * fpt / peak if peak else None
+        mfu = tps * fpt / peak
     else:
         mfu = PAPER_MFU if plan.mfu is None else plan.mfu
         if not 0 < mfu <= 1:
             raise ValueError(f"mfu = {mfu!r}: expected a fraction in (0, 1]")
-        if peak is None:
-            raise ValueError(
-                f"device = {plan.device!r}: no known peak FLOP/s (known: a100, h100, h200); "
-                "give --tokens-per-s-per-gpu instead of --mfu"
-            )
         tps = mfu * peak / fpt
 
-    def step(g: int, fabric: str) -> dict[str, float]:
-        return fsdp_step(
-            plan.model,
-            num_gpus=g,
-            dp_shard=resolve_shard(plan.dp_shard, plan.dp_replicate, g),
-            tokens_per_step=plan.global_batch_tokens,
-            flops_per_token_=fpt,
-            flops_per_s_per_gpu=tps * fpt,
-            fabric=FABRICS[fabric],
-            link_gbps=plan.link_gbps,
-            device_name=plan.device,
-            gpus_per_node=plan.gpus_per_node,
-            nics_per_node=plan.nics_per_node,
-        )
+    def step(g: int, fabric: str) -> dict[str, Any]:
+        layout, _ = check_layout(cfg, g, plan.gpus_per_node)
+        out = step_model(cfg, layout, num_gpus=g, gpus_per_node=plan.gpus_per_node,
+                         device=device, mfu=mfu, fabric=FABRICS[fabric],
+                         link_gbps=plan.link_gbps, nics_per_node=plan.nics_per_node)
+        return {**out, "layout": layout}
 
-    efficiency = 1.0
-    if plan.fabric is not None:
-        efficiency = step(plan.num_gpus, plan.fabric)["efficiency"]
+    try:
+        headline = step(plan.num_gpus, plan.fabric or "ib")
+    except ValueError as e:
+        raise ValueError(f"{e} (at {plan.num_gpus} GPUs){_accepted(cfg, plan)}") from None
+    efficiency = headline["efficiency"] if plan.fabric is not None else 1.0
     gpu_hours = plan.tokens / tps / 3600.0 / efficiency
-    power_w = plan.power_w or tdp_watts(plan.device)
+    power_w = plan.power_w or tdp_watts(device.name)
     out: dict[str, Any] = {
-        "params": num_params(plan.model),
+        "params": num_params(cfg.model),
         "flops_per_token": fpt,
-        "seq_len": plan.seq_len,
+        "seq_len": cfg.train.seq_len,
         "tokens": plan.tokens,
         "gpus": plan.num_gpus,
         "device": plan.device,
@@ -445,16 +322,35 @@ def project(plan: Plan) -> dict[str, Any]:
     for g in scaling_gpu_counts(plan.num_gpus, plan.gpus_per_node):
         try:
             ib, roce = step(g, "ib"), step(g, "roce")
-        except ValueError:
-            continue  # a count the shard group does not divide
-        rows.append({**{k: ib[k] for k in ("gpus", "dp_shard", "dp_replicate", "tokens_per_gpu",
-                                           "state_gb_per_gpu", "node_gb_per_step", "compute_s")},
-                     "ib_comm_s": ib["comm_s"], "ib_efficiency": ib["efficiency"],
-                     "roce_comm_s": roce["comm_s"], "roce_efficiency": roce["efficiency"]})
+        except ValueError as e:
+            rows.append({"gpus": g, "feasible": False, "refusal": str(e),
+                         "tokens_per_gpu": cfg.train.global_batch_tokens / g,
+                         "ib_efficiency": None, "roce_efficiency": None})
+            continue
+        layout = ib["layout"]
+        rows.append({"gpus": g, "feasible": True, "tp": layout.tp, "dp_shard": layout.dp_shard,
+                     "dp_replicate": layout.dp_replicate,
+                     "tokens_per_gpu": cfg.train.global_batch_tokens / g,
+                     "state_gb_per_gpu": state_bytes(cfg.model, layout) / 1e9,
+                     "node_gb_per_step": ib["node_gb_per_step"], "compute_s": ib["compute_s"],
+                     "ib_comm_s": ib["fsdp_comm_s"] + ib["tp_comm_s"],
+                     "ib_efficiency": ib["efficiency"],
+                     "roce_comm_s": roce["fsdp_comm_s"] + roce["tp_comm_s"],
+                     "roce_efficiency": roce["efficiency"]})
     out["scaling"] = rows
-    out["global_batch_tokens"] = plan.global_batch_tokens
+    out["global_batch_tokens"] = cfg.train.global_batch_tokens
     out["link_gbps"] = plan.link_gbps
     return out
+
+
+def _accepted(cfg: Config, plan: Plan) -> str:
+    """'; the trainer accepts --parallel.tp=N ...' for the first layout of plan.py's search at
+    this GPU count that keeps the config's activation checkpointing, if any."""
+    for layout in candidate_layouts(cfg, plan.num_gpus, plan.gpus_per_node):
+        if layout.activation_checkpointing == cfg.parallel.activation_checkpointing:
+            return (f"; the trainer accepts {layout.overrides()} (python -m llamatrain.plan "
+                    "checks its memory)")
+    return ""
 
 
 def format_projection(p: dict[str, Any]) -> str:
@@ -473,22 +369,25 @@ def format_projection(p: dict[str, Any]) -> str:
         f"energy {p['energy_kwh']:,.0f} kWh ({p['power_w']:.0f} W x PUE {p['pue']:.2f}) -> "
         f"{p['tco2eq']:.2f} tCO2eq at {p['intensity_kg_per_kwh']} kg/kWh",
         "",
-        f"FSDP scaling at a global batch of {p['global_batch_tokens']:,.0f} tokens, "
-        f"{p['link_gbps']:g} Gbps per NIC (efficiency = compute / step time):",
-        f"{'GPUs':>6} {'shard':>6} {'tok/GPU':>8} {'state GB':>9} {'node GB':>8} "
+        f"scaling of the config's layout at a global batch of {p['global_batch_tokens']:,.0f} "
+        f"tokens, {p['link_gbps']:g} Gbps per NIC (efficiency = compute / step time):",
+        f"{'GPUs':>6} {'tp':>3} {'shard':>6} {'tok/GPU':>8} {'state GB':>9} {'node GB':>8} "
         f"{'compute s':>10} {'IB comm s':>10} {'IB eff':>7} {'RoCE comm s':>12} {'RoCE eff':>9}",
     ]
     for r in p["scaling"]:
+        if not r["feasible"]:
+            lines.append(f"{r['gpus']:>6}  infeasible: {r['refusal']}")
+            continue
         lines.append(
-            f"{r['gpus']:>6} {r['dp_shard']:>6} {r['tokens_per_gpu']:>8,.0f} "
+            f"{r['gpus']:>6} {r['tp']:>3} {r['dp_shard']:>6} {r['tokens_per_gpu']:>8,.0f} "
             f"{r['state_gb_per_gpu']:>9.1f} {r['node_gb_per_step']:>8.1f} {r['compute_s']:>10.3f} "
             f"{r['ib_comm_s']:>10.3f} {r['ib_efficiency']:>7.1%} {r['roce_comm_s']:>12.3f} "
             f"{r['roce_efficiency']:>9.1%}"
         )
     lines.append(
-        "state GB: fp32 weights, gradients and AdamW moments per GPU (activations not included); "
-        "node GB: bytes each node sends over its NICs per step; tok/GPU below the sequence length "
-        "needs tensor or context parallelism, which this model does not cover."
+        "state GB: fp32 weights, gradients and AdamW moments per GPU (activations not included: "
+        "python -m llamatrain.plan measures them); node GB: bytes each node sends over its NICs "
+        "per step; infeasible: the trainer refuses the layout at that count."
     )
     return "\n".join(lines)
 
@@ -527,7 +426,6 @@ def _parser() -> argparse.ArgumentParser:
     proj.add_argument("--link-gbps", type=float, default=200.0, help="per NIC (paper: 200)")
     proj.add_argument("--gpus-per-node", type=int, default=8)
     proj.add_argument("--nics-per-node", type=int, default=8, help="paper: one per GPU")
-    proj.add_argument("--dp-shard", type=int, default=None, help="default: parallel.dp_shard")
     proj.add_argument("--power-w", type=float, default=None,
                       help="watts per GPU (default: the TDP of --device; the config's "
                       "carbon.power_w describes the machine it runs on, not this one)")
@@ -538,7 +436,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, overrides = _parser().parse_known_args(argv)
+    if args.command == "estimate" and overrides:
+        raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
+    bad = [o for o in overrides if not (o.startswith("--") and "." in o.split("=")[0])]
+    if bad:
+        raise ValueError(f"argument {bad[0]!r}: expected --section.key=value")
     if args.command == "estimate":
         result = estimate(args.gpu_hours, args.power_w, pue=args.pue, intensity=args.intensity)
         if args.json:
@@ -550,16 +453,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result['tco2eq']:.2f} tCO2eq at {result['intensity_kg_per_kwh']} kg/kWh"
             )
         return 0
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, overrides)
     plan = Plan(
-        model=cfg.model,
+        config=cfg,
         tokens=args.tokens,
         num_gpus=args.gpus,
         device=args.device,
-        seq_len=cfg.train.seq_len,
-        global_batch_tokens=cfg.train.global_batch_tokens,
-        dp_shard=cfg.parallel.dp_shard if args.dp_shard is None else args.dp_shard,
-        dp_replicate=cfg.parallel.dp_replicate if args.dp_shard is None else -1,
         mfu=args.mfu,
         tokens_per_s_per_gpu=args.tokens_per_s_per_gpu,
         fabric=args.fabric,

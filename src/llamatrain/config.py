@@ -119,6 +119,7 @@ class DataConfig:
 class ParallelConfig:
     dp_shard: int = _f(-1, "FSDP shard group size (-1 = world size / dp_replicate).")
     dp_replicate: int = _f(1, "Replica groups, HSDP when > 1 (-1 = world size / dp_shard).")
+    tp: int = _f(1, "Tensor (and sequence) parallel degree, inside a node; dp is world size / tp.")
     activation_checkpointing: str = _f("none", "none, full or selective (every other block).")
     compile: bool = _f(False, "torch.compile each transformer block.")
 
@@ -287,6 +288,29 @@ def _finite(cfg: Config) -> None:
                 raise ValueError(f"{section}.{key} = {value!r}: expected a finite number")
 
 
+TP_CHOICES = (1, 2, 4, 8, 16)
+
+
+def tp_divides(cfg: Config) -> dict[str, int]:
+    """What parallel.tp must divide: the head counts, the FFN hidden size, the vocabulary (each
+    rank holds a slice of them) and the sequence (sequence parallelism splits it)."""
+    m = cfg.model
+    return {"model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads,
+            "the FFN hidden size": m.ffn_hidden, "model.vocab_size": m.vocab_size,
+            "train.seq_len": cfg.train.seq_len}
+
+
+def _check_tp(cfg: Config) -> None:
+    tp = cfg.parallel.tp
+    if tp < 1:
+        raise ValueError(f"parallel.tp = {tp}: expected an integer >= 1")
+    for what, value in tp_divides(cfg).items():
+        if value % tp:
+            ok = [d for d in TP_CHOICES if all(v % d == 0 for v in tp_divides(cfg).values())]
+            raise ValueError(f"parallel.tp = {tp}: must divide {what} = {value} "
+                             f"(would work: {', '.join(map(str, ok))})")
+
+
 def validate(cfg: Config) -> Config:
     """Check values for sense; raise ValueError naming the first bad key."""
     _finite(cfg)
@@ -339,6 +363,7 @@ def validate(cfg: Config) -> Config:
         value = getattr(p, key)
         if value == 0 or value < -1:
             raise ValueError(f"parallel.{key} = {value}: expected -1 (the rest) or >= 1")
+    _check_tp(cfg)
     if p.dp_shard == -1 and p.dp_replicate == -1:
         raise ValueError("parallel.dp_shard and parallel.dp_replicate are both -1: set one")
     _choice("parallel.activation_checkpointing", p.activation_checkpointing,

@@ -13,6 +13,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial
 
 BACKENDS = ("auto", "triton", "torch")
 ATTENTION_BACKWARDS = ("atomic", "deterministic")
@@ -128,6 +129,10 @@ def rms_norm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x, or with `residual`: (rms_norm(x + residual), x + residual)."""
+    if isinstance(weight, DTensor):
+        # Sequence parallelism: a gain replicated over the tensor-parallel ranks, applied to this
+        # rank's slice of the sequence; its gradient here is a partial sum over the slices.
+        weight = weight.to_local(grad_placements=[Partial()] * weight.device_mesh.ndim)
     if _kernels is not None:
         return _kernels.rms_norm(x, weight, eps, residual=residual)
     if residual is None:

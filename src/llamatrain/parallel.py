@@ -1,11 +1,21 @@
-"""Distribution: the process group, the (replicate x shard) device mesh, and turning a meta-device
-Transformer into a trainable one: activation checkpointing -> torch.compile per block ->
-fully_shard per block -> fully_shard of the root (with mixed precision) -> materialise and
-initialise shard by shard, so that no rank ever holds the whole model.
+"""Distribution: the process group, the (dp_replicate x dp_shard x tp) device mesh, and turning a
+meta-device Transformer into a trainable one: tensor and sequence parallelism -> activation
+checkpointing -> torch.compile per block -> fully_shard per block -> fully_shard of the root (with
+mixed precision) -> materialise and initialise shard by shard, so that no rank ever holds the whole
+model.
+
+Tensor parallelism (Megatron-LM's, with DTensor): inside each block wq/wk/wv/w1/w3 are split by
+output columns and wo/w2 by input rows, so each rank computes its own heads and its slice of the
+FFN; between them the residual stream and the RMSNorms are split along the sequence (sequence
+parallelism), all-gathered before attention and the FFN and reduce-scattered after. The embedding
+and the output projection are split over the vocabulary and the loss is computed on the
+vocabulary shards (loss parallelism), so no rank ever holds the full logits. Every op the model
+calls receives plain local tensors: the Triton kernels run on the local heads and slices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -14,14 +24,22 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    loss_parallel,
+    parallelize_module,
+)
 from torch.utils.checkpoint import checkpoint
 
 from llamatrain.config import ParallelConfig
-from llamatrain.model import Transformer, init_rows
+from llamatrain.model import RMSNorm, Transformer, init_rows
 
 
 @dataclass
@@ -85,28 +103,109 @@ def _attempt_store(rank: int, world_size: int) -> dist.Store:
     return dist.PrefixStore(f"llamatrain/attempt-{attempt}", store)
 
 
-def mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(dp_replicate, dp_shard) with the -1 entry filled in; a mismatch is a ValueError."""
+def mesh_shape(
+    cfg: ParallelConfig, world_size: int, gpus_per_node: int | None = None
+) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, tp) with the -1 entry filled in; a mismatch is a ValueError.
+
+    The data-parallel ranks are world_size / tp; tensor parallelism stays inside a node, so tp
+    must divide the GPUs per node (the processes per node) as well as the world size."""
+    tp = cfg.tp
+    if world_size % tp:
+        raise ValueError(f"parallel.tp = {tp}: must divide the world size {world_size}")
+    if gpus_per_node is not None and gpus_per_node % tp:
+        fits = [d for d in (1, 2, 4, 8, 16) if gpus_per_node % d == 0 and world_size % d == 0]
+        raise ValueError(f"parallel.tp = {tp}: must divide the {gpus_per_node} GPUs per node "
+                         f"(tensor parallelism stays inside a node; would work: "
+                         f"{', '.join(map(str, fits))})")
+    dp = world_size // tp
     replicate, shard = cfg.dp_replicate, cfg.dp_shard
     if shard == -1:
-        shard = world_size // replicate
+        shard = dp // replicate
     if replicate == -1:
-        replicate = world_size // shard
-    if replicate * shard != world_size:
+        replicate = dp // shard
+    if replicate * shard != dp:
+        size = f"the world size {world_size}" if tp == 1 else (
+            f"world size / parallel.tp = {world_size} / {tp} = {dp}")
         raise ValueError(
             f"parallel.dp_replicate x parallel.dp_shard = {cfg.dp_replicate} x {cfg.dp_shard}: "
-            f"must multiply to the world size {world_size}"
+            f"must multiply to {size}"
         )
-    return replicate, shard
+    return replicate, shard, tp
 
 
 def build_mesh(cfg: ParallelConfig, world: World) -> DeviceMesh:
-    replicate, shard = mesh_shape(cfg, world.world_size)
-    if replicate == 1:
-        return init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(
-        world.device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard")
-    )
+    """The device mesh: axes dp_replicate (only when > 1), dp_shard, and tp (only when > 1), tp
+    innermost so that a tensor-parallel group is consecutive ranks of one node."""
+    shape = dict(zip(("dp_replicate", "dp_shard", "tp"),
+                     mesh_shape(cfg, world.world_size, world.local_world_size), strict=True))
+    axes = {name: size for name, size in shape.items() if size > 1 or name == "dp_shard"}
+    return init_device_mesh(world.device.type, tuple(axes.values()),
+                            mesh_dim_names=tuple(axes))
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel part of the mesh, over which FSDP shards (and replicates)."""
+    names = mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        return mesh
+    return mesh[tuple(n for n in names if n != "tp")]
+
+
+def tp_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
+    names = mesh.mesh_dim_names or () if mesh is not None else ()
+    return mesh["tp"] if "tp" in names else None
+
+
+def loss_context(mesh: DeviceMesh | None):
+    """Where the loss of vocabulary-sharded logits is computed and differentiated: torch's
+    loss_parallel() under tensor parallelism (forward and backward must both run inside it)."""
+    return loss_parallel() if tp_mesh(mesh) is not None else contextlib.nullcontext()
+
+
+def vocab_parallel_cross_entropy(
+    logits: DTensor, targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Mean cross-entropy over targets != ignore_index of logits sharded over the vocabulary,
+    without gathering them (inside loss_context); the same value as ops.cross_entropy."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                            ignore_index=ignore_index, reduction="sum")
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return total.full_tensor() / count
+
+
+def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
+    """Tensor and sequence parallelism over `mesh` (the tp axis), in place."""
+    parallelize_module(model, mesh, {
+        # Each rank looks up its vocabulary rows; the partial sums are reduce-scattered
+        # along the sequence.
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        # Logits stay sharded over the vocabulary for the loss-parallel cross-entropy.
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                  use_local_output=False),
+    })
+    gather = {"input_layouts": (Shard(1), None, None),
+              "desired_input_layouts": (Replicate(), None, None), "use_local_output": True}
+    for block in model.layers:
+        parallelize_module(block, mesh, {
+            "attention": PrepareModuleInput(**gather),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                use_local_output=True),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+    # The RMSNorm gains are replicated over tp and applied to each rank's sequence slice:
+    # ops.rms_norm takes their local value with a partial-sum gradient, which FSDP all-reduces.
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight = nn.Parameter(
+                DTensor.from_local(module.weight, mesh, [Replicate()], run_check=False))
 
 
 def _checkpointed(block: nn.Module) -> None:
@@ -122,7 +221,10 @@ def parallelize(
     *,
     param_dtype: torch.dtype,
 ) -> Transformer:
-    """Apply activation checkpointing, compile and FSDP2 in torchtitan's order, in place."""
+    """Apply tensor parallelism, activation checkpointing, compile and FSDP2 in torchtitan's order,
+    in place."""
+    if tp_mesh(mesh) is not None:
+        apply_tp(model, tp_mesh(mesh))
     for i, block in enumerate(model.layers):
         if cfg.activation_checkpointing == "full" or (
             cfg.activation_checkpointing == "selective" and i % 2 == 0
@@ -132,6 +234,7 @@ def parallelize(
             block.compile()
     if mesh is None:
         return model
+    mesh = dp_mesh(mesh)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     last = len(model.layers) - 1
     for i, block in enumerate(model.layers):
@@ -156,7 +259,9 @@ def materialize(model: Transformer, device: torch.device, *, seed: int) -> None:
             start = offset[0] if shape[0] else 0
             rows = init_rows(name, param.shape, start, start + shape[0], seed=seed,
                              n_layers=n_layers)
-            local.copy_(rows[:, : local.shape[1]] if local.dim() > 1 else rows)
+            if local.dim() > 1:  # tensor parallelism may split the columns too (wo, w2)
+                rows = rows[:, offset[1] : offset[1] + shape[1]]
+            local.copy_(rows)
         else:
             param.copy_(init_rows(name, param.shape, 0, param.shape[0], seed=seed,
                                   n_layers=n_layers))

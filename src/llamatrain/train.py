@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
@@ -61,9 +62,13 @@ from llamatrain.parallel import (
     build_mesh,
     init_distributed,
     local_bytes,
+    loss_context,
     materialize,
+    mesh_shape,
     parallelize,
+    vocab_parallel_cross_entropy,
 )
+from llamatrain.plan import batch_geometry
 from llamatrain.runlock import RunDirLocked, RunLock
 
 REQUEUE_EXIT_CODE = 75
@@ -156,18 +161,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(sequences per global batch, micro-batches per rank per step)."""
-    per_pass = world_size * cfg.micro_batch_size * cfg.seq_len
-    if cfg.global_batch_tokens % per_pass:
-        raise ValueError(
-            f"train.global_batch_tokens = {cfg.global_batch_tokens}: not a multiple of "
-            f"world_size x micro_batch_size x seq_len = {world_size} x {cfg.micro_batch_size} x "
-            f"{cfg.seq_len} = {per_pass}"
-        )
-    return cfg.global_batch_tokens // cfg.seq_len, cfg.global_batch_tokens // per_pass
-
-
 def _fused_adam():
     try:
         from apex.optimizers import FusedAdam
@@ -214,7 +207,10 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
-        self.global_batch, self.accum = batch_geometry(cfg.train, world.world_size)
+        # The ranks of one tensor-parallel group (consecutive ranks) read the same samples.
+        self.tp = mesh_shape(cfg.parallel, world.world_size, world.local_world_size)[2]
+        self.dp_rank, self.dp_size = world.rank // self.tp, world.world_size // self.tp
+        self.global_batch, self.accum = batch_geometry(cfg.train, self.dp_size)
         self.backend = ops.set_backend(cfg.kernels.backend, self.device.type,
                                        attention_backward(cfg))  # fmt: skip
         self.faults = Faults.from_env()
@@ -322,8 +318,9 @@ class Trainer:
         self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype)
         materialize(self.model, self.device, seed=cfg.train.seed)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
-        self.log(f"model {self.num_params:,} parameters "
-                 f"({'FSDP2 mesh ' + str(tuple(self.mesh.shape)) if self.mesh else 'unsharded'})")
+        mesh = (f"mesh {dict(zip(self.mesh.mesh_dim_names, self.mesh.shape, strict=True))}"
+                if self.mesh else "unsharded")
+        self.log(f"model {self.num_params:,} parameters ({mesh})")
 
     # ------------------------------------------------------------------------------------------
 
@@ -379,7 +376,7 @@ class Trainer:
         """This rank's micro-batches of the next step and the seconds the loop waited for them."""
         if self.loader is None:
             self.loader = BatchLoader(self.train_data, self.sampler, global_batch=self.global_batch,
-                                      rank=self.world.rank, world_size=self.world.world_size,
+                                      rank=self.dp_rank, world_size=self.dp_size,
                                       micro_batch_size=self.cfg.train.micro_batch_size,
                                       device=self.device, prefetch=self.cfg.data.prefetch)
         return self.loader.next()
@@ -392,10 +389,14 @@ class Trainer:
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over unmasked targets, their count) of one micro-batch."""
         labels = batch["labels"]
-        if self.cfg.kernels.fused_loss:
+        if self.cfg.kernels.fused_loss and self.tp == 1:
+            # The output projection and the loss in one kernel: no full logits.
             loss = self.model(batch["input_ids"], labels, ignore_index=IGNORE_INDEX)
+            return loss, (labels != IGNORE_INDEX).sum()
+        logits = self.model(batch["input_ids"])
+        if isinstance(logits, DTensor):  # tensor parallelism: logits sharded over the vocabulary
+            loss = vocab_parallel_cross_entropy(logits, labels, IGNORE_INDEX)
         else:
-            logits = self.model(batch["input_ids"])
             loss = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)
         return loss, (labels != IGNORE_INDEX).sum()
 
@@ -404,20 +405,22 @@ class Trainer:
 
         The loss is the mean over every unmasked target of the global batch, so SFT's masked
         prompts and unequal micro-batches weigh exactly as they should: each micro-batch's mean is
-        weighted by its share of the global target count (FSDP then averages over ranks)."""
+        weighted by its share of the global target count (FSDP then averages over the data-parallel
+        ranks). Sums over all ranks count each tensor-parallel group tp times."""
         counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro]).to(self.device)
-        global_count = _all_reduce(counts.sum().float()).clamp(min=1)
+        global_count = (_all_reduce(counts.sum().float()) / self.tp).clamp(min=1)
         total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro):
-            if self.mesh is not None:
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss, count = self._loss(batch)
-            if self.step in self.faults.nan_steps:
-                loss = loss * float("nan")
-            share = loss * count / global_count
-            (share * self.world.world_size).backward()
-            total += share.detach()
-        loss = _all_reduce(total).item()
+        with loss_context(self.mesh):
+            for i, batch in enumerate(micro):
+                if self.mesh is not None:
+                    self.model.set_requires_gradient_sync(i == len(micro) - 1)
+                loss, count = self._loss(batch)
+                if self.step in self.faults.nan_steps:
+                    loss = loss * float("nan")
+                share = loss * count / global_count
+                (share * self.dp_size).backward()
+                total += share.detach()
+        loss = (_all_reduce(total) / self.tp).item()
         max_norm = self.cfg.train.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -426,20 +429,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean validation loss over the first eval_batches micro-batches of every rank."""
-        mbs, world = self.cfg.train.micro_batch_size, self.world
-        n = min(len(self.val_data), self.cfg.train.eval_batches * mbs * world.world_size)
-        if n < world.world_size:
+        mbs, dp_size = self.cfg.train.micro_batch_size, self.dp_size
+        n = min(len(self.val_data), self.cfg.train.eval_batches * mbs * dp_size)
+        if n < dp_size:
             return None
         self.model.eval()
-        mine = list(range(world.rank, n, world.world_size))
+        mine = list(range(self.dp_rank, n, dp_size))
         total = torch.zeros(2, device=self.device)
-        for i in range(0, len(mine), mbs):
-            batch = {k: v.to(self.device)
-                     for k, v in self.val_data.get_batch(mine[i : i + mbs]).items()}
-            loss, count = self._loss(batch)
-            total += torch.stack([loss * count, count.float()])
+        with loss_context(self.mesh):
+            for i in range(0, len(mine), mbs):
+                batch = {k: v.to(self.device)
+                         for k, v in self.val_data.get_batch(mine[i : i + mbs]).items()}
+                loss, count = self._loss(batch)
+                total += torch.stack([loss * count, count.float()])
         self.model.train()
-        total = _all_reduce(total)
+        total = _all_reduce(total)  # each tp group counted tp times, in numerator and denominator
         return (total[0] / total[1].clamp(min=1)).item()
 
     # ------------------------------------------------------------------------------------------
