@@ -14,6 +14,7 @@ setup(
         "numpy>=1.24",
         "sentencepiece>=0.2",
         "zstandard>=0.22",
+        "pyarrow>=14",
         "matplotlib>=3.7",
         "triton>=3.1; platform_system == 'Linux'",
     ],

@@ -117,3 +117,40 @@ def test_train_help_lists_every_key_with_its_default_and_exits_zero():
     assert proc.returncode == 0
     assert "--model.n_kv_heads" in proc.stdout and "(default 32)" in proc.stdout
     assert "75 (REQUEUE_EXIT_CODE)" in proc.stdout
+
+
+def test_a_mixture_loads_from_array_tables_and_round_trips(tmp_path):
+    path = tmp_path / "mix.toml"
+    path.write_text('[[data.mix]]\nsource = "/corpora/web"\nweight = 0.7\n'
+                    '[[data.mix]]\nsource = "/corpora/books"\nweight = 3\nname = "books"\n')
+    cfg = load_config(path)
+    assert [(m.source, m.weight, m.name) for m in cfg.data.mix] == [
+        ("/corpora/web", 0.7, ""), ("/corpora/books", 3.0, "books")]
+    (tmp_path / "again.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "again.toml") == cfg
+    cli = load_config(None, ['--data.mix=[{source="/a", weight=2}]'])
+    assert [(m.source, m.weight) for m in cli.data.mix] == [("/a", 2.0)]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('--data.mix=[{source="/a", weight="heavy"}]',
+         "data.mix[0].weight = 'heavy': expected a number"),
+        ('--data.mix=[{source="/a"}, {sorce="/b"}]',
+         "unknown key data.mix[1].sorce; did you mean 'source'? (allowed: source, weight, name)"),
+        ("--data.mix=[{weight=1}]", "data.mix[0].source: required"),
+        ('--data.mix=[{source="/a", weight=0}]', "data.mix[0].weight = 0.0: expected a number > 0"),
+        ("--data.mix=3", "data.mix = 3: expected an array of tables ([[data.mix]])"),
+        ("--data.prefetch=-1", "data.prefetch = -1: expected a number >= 0"),
+    ],
+)
+def test_bad_mixtures_name_the_entry_and_the_key(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config("configs/tiny.toml", [override])
+    assert message in str(err.value)
+
+
+def test_data_source_and_data_mix_together_are_refused():
+    with pytest.raises(ValueError, match="data.source = '/b' and data.mix are both set"):
+        load_config(None, ['--data.mix=[{source="/a"}]', "--data.source=/b"])

@@ -5,6 +5,7 @@ import hashlib
 import json
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -350,3 +351,332 @@ def test_truncated_compressed_files_are_skipped_not_read_short(tmp_path, prepare
     assert set(reasons) == {"a.jsonl.gz", "b.jsonl.zst"}
     assert all(r.startswith("cannot read: ") for r in reasons.values())
     assert meta["num_documents"] == 4000
+
+
+def copy_prepared(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_truncated_shard_is_an_error_naming_it_not_a_smaller_dataset(tmp_path, prepared):
+    _, first, _ = prepared
+    out = copy_prepared(first, tmp_path / "p")
+    shard = out / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"train_000000.bin' has \d+ bytes but meta.json records"):
+        load_dataset(out, DataConfig(), seq_len=16)
+    shard.unlink()
+    with pytest.raises(ValueError, match="train_000000.bin' cannot be read"):
+        load_dataset(out, DataConfig(), seq_len=16)
+
+
+def test_a_token_id_beyond_the_vocabulary_names_the_shard_and_position(tmp_path, prepared):
+    _, first, _ = prepared
+    out = copy_prepared(first, tmp_path / "p")
+    tokens = np.fromfile(out / "train_000000.bin", dtype=np.uint16)
+    tokens[1234] = 60_000  # a flipped byte: still a valid uint16, far beyond 400 pieces
+    tokens.tofile(out / "train_000000.bin")
+    ds = load_dataset(out, DataConfig(), seq_len=16, vocab_size=512)
+    assert ds.get_batch([0, 1, 2])["input_ids"].max() < 400  # other samples read fine
+    with pytest.raises(ValueError, match=r"token id 60000 >= vocabulary size 400 at token 1234 "
+                                         r"of '.*train_000000.bin'"):
+        ds.get_batch([5, 1234 // 16])
+
+
+def test_the_tokenizer_is_checked_against_the_shards_and_the_model(tmp_path, prepared):
+    _, first, _ = prepared
+    with pytest.raises(ValueError, match="vocab_size=300 is smaller than the tokenizer's 400"):
+        load_dataset(first, DataConfig(), seq_len=16, vocab_size=300)
+    out = copy_prepared(first, tmp_path / "p")
+    (out / "tokenizer.model").write_bytes(
+        data_prepare.train_tokenizer(make_doc(random.Random(5), 300).split("\n"), vocab_size=300)
+        .model_proto
+    )
+    with pytest.raises(ValueError, match=r"tokenizer.model \(300 pieces.* is not the tokenizer"):
+        load_dataset(out, DataConfig(), seq_len=16, vocab_size=512)
+
+
+def test_unreadable_paths_are_skipped_and_named_not_fatal(tmp_path, monkeypatch, prepared):
+    _, first, _ = prepared
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("return value")
+    (corpus / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    (corpus / "loop.txt").symlink_to(corpus / "loop.txt")
+    (corpus / "vanishes.txt").write_text("print total")
+    (corpus / "z.txt").write_text("import self")
+    real = data_prepare.get_tokenizer
+
+    def list_then_delete(*args, **kwargs):  # between listing the files and reading them
+        (corpus / "vanishes.txt").unlink()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_prepare, "get_tokenizer", list_then_delete)
+    model = str(first / "tokenizer.model")
+    meta = prepare_dir([str(corpus)], tmp_path / "out", opts(), tokenizer=model)
+
+    reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
+    assert set(reasons) == {"dangling.txt", "loop.txt", "vanishes.txt"}
+    assert "No such file" in reasons["dangling.txt"] and "No such file" in reasons["vanishes.txt"]
+    assert "Too many levels of symbolic links" in reasons["loop.txt"]
+    assert all(r.startswith("cannot read: ") for r in reasons.values())
+    assert documents(tmp_path / "out", "train") == ["return value", "import self"]
+
+
+def test_a_long_single_line_file_is_read_in_blocks_not_whole(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "one-line.txt"
+    line = ("wörd " * 200_000 + "😀") * 24  # 24 MB without a newline
+    path.write_text(line)
+    tracemalloc.start()
+    sizes = [len(item.data) for item in data_prepare.read_items(path, 0)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # A piece is a block plus at most the 3 bytes of a character cut at the previous block.
+    assert sum(sizes) == len(line.encode()) and max(sizes) <= data_prepare.TASK_BYTES + 3
+    assert peak < 16 * data_prepare.TASK_BYTES  # 4 MB; over 28 MB when read whole
+
+
+def test_long_documents_are_tokenised_in_pieces_exactly_and_split_as_a_whole(
+    tmp_path, monkeypatch, prepared
+):
+    _, first, _ = prepared
+    rng = random.Random(3)
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    docs = [make_doc(rng, 80) + HARD[k % len(HARD)] for k in range(6)]
+    docs.append("x中😀 " * 400)  # one long line: cut inside it at a character boundary
+    for k, d in enumerate(docs):
+        (corpus / f"{k}.txt").write_text(d, newline="")
+    (corpus / "bad.txt").write_bytes(b"ok\n" * 500 + b"caf\xe9\n")  # bad UTF-8 far in
+    (corpus / "blank.txt").write_text(" \n" * 500)
+    monkeypatch.setattr(data_prepare, "TASK_BYTES", 300)
+    tok = Tokenizer((first / "tokenizer.model").read_bytes())
+    out = tmp_path / "out"
+    meta = prepare_dir(
+        [str(corpus)], out, opts(val_fraction=0.5), tokenizer=str(first / "tokenizer.model")
+    )
+
+    train, val = documents(out, "train"), documents(out, "val")
+    assert sorted(train + val) == sorted(docs) and val
+    assert all(is_val(d.encode(), 0.5) for d in val)
+    assert not any(is_val(d.encode(), 0.5) for d in train)
+    reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
+    assert reasons == {"bad.txt": "not valid UTF-8 (byte 1503: invalid continuation byte)",
+                       "blank.txt": data_prepare.EMPTY}
+    # Cut after newlines, a document tokenises exactly as it does whole.
+    stream = np.concatenate([read_split(out, "train"), read_split(out, "val")]).tolist()
+    for d in docs[:6]:
+        whole = [tok.bos_id, *tok.encode(d), tok.eos_id]
+        assert any(stream[i : i + len(whole)] == whole for i in range(len(stream)))
+
+
+def test_prepare_source_removes_temp_directories_of_dead_builds_only(tmp_path, prepared):
+    import os
+    import socket
+    import time
+
+    corpus, first, _ = prepared
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    dirs = {
+        "killed here": f".x-pretrain-1.tmp-{host}-{dead}-0000aaaa",
+        "running here": f".x-pretrain-1.tmp-{host}-{os.getpid()}-0000bbbb",
+        "old elsewhere": ".x-pretrain-1.tmp-other-node-7-0000cccc",
+        "recent elsewhere": ".x-pretrain-1.tmp-other-node-8-0000dddd",
+    }
+    for name in dirs.values():
+        (cache / name).mkdir()
+        (cache / name / "train_000000.bin").write_bytes(b"\0" * 10)
+    old = time.time() - data_prepare.STALE_BUILD_S - 60
+    for p in (cache / dirs["old elsewhere"], cache / dirs["old elsewhere"] / "train_000000.bin"):
+        os.utime(p, (old, old))
+
+    cfg = source_config(corpus, cache, tokenizer=str(first / "tokenizer.model"))
+    path = prepare_source(cfg, vocab_size=512)
+
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == sorted([path.name, dirs["running here"], dirs["recent elsewhere"]])
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def mix_config(cache: Path, *entries: tuple[str, float], **kw) -> DataConfig:
+    from llamatrain.config import MixSource
+
+    return DataConfig(mix=[MixSource(source=s, weight=w) for s, w in entries],
+                      cache_dir=str(cache), workers=1, val_fraction=0.1, **kw)
+
+
+def test_mixture_sources_share_one_tokenizer_trained_on_all_of_them(tmp_path):
+    rng = random.Random(4)
+    for name, n in (("web", 30), ("code", 10)):
+        (tmp_path / name).mkdir()
+        for k in range(n):
+            (tmp_path / name / f"{k}.txt").write_text(make_doc(rng, 20) + HARD[k % len(HARD)])
+    cfg = mix_config(tmp_path / "cache", (str(tmp_path / "web"), 0.7), (str(tmp_path / "code"), 3))
+    paths = data.prepare_sources(cfg, vocab_size=400)
+    metas = [json.loads((p / "meta.json").read_text()) for p in paths]
+    assert metas[0]["tokenizer_sha256"] == metas[1]["tokenizer_sha256"]
+    assert [m["num_files"] for m in metas] == [30, 10]
+    assert len(list((tmp_path / "cache").glob("tokenizer-*.model"))) == 1
+
+    td = data.open_training_data(paths, cfg, seq_len=16, vocab_size=400, seed=0)
+    assert [s.name for s in td.sources] == ["web", "code"]
+    assert td.tokenizer_sha256 == metas[0]["tokenizer_sha256"]
+    assert [s["weight"] for s in td.identity["sources"].values()] == [0.7, 3.0]
+    assert td.identity["sources"]["1"]["tokenizer_sha256"] == td.tokenizer_sha256
+    sizes = td.source_sizes()
+    web = load_dataset(paths[0], cfg, seq_len=16)
+    code = load_dataset(paths[1], cfg, seq_len=16)
+    assert sizes == {"web": len(web), "code": len(code)}
+    ids = td.sampler.next_indices(32, 0, 1)
+    batch = td.train.get_batch(ids)
+    for row, i in enumerate(ids):
+        ds, j = (web, i) if i < len(web) else (code, i - len(web))
+        assert batch["input_ids"][row].tolist() == ds.get_batch([j])["input_ids"][0].tolist()
+    assert sum(td.samples_per_source(32).values()) == 32
+    assert len(td.val) > 0 and td.val.get_batch([0, 1])["input_ids"].shape == (2, 16)
+
+
+def test_bad_mixtures_are_one_line_naming_the_source(tmp_path, prepared):
+    corpus, first, _ = prepared
+    with pytest.raises(ValueError, match=r"data.mix\[1\].source='/nonexistent' does not exist"):
+        data.prepare_sources(mix_config(tmp_path, (str(corpus), 1), ("/nonexistent", 1)),
+                             vocab_size=512)
+    other = tmp_path / "other"
+    (tmp_path / "o.txt").write_text(make_doc(random.Random(8), 200))
+    prepare_dir([str(tmp_path / "o.txt")], other, opts(), vocab_size=300)
+    with pytest.raises(ValueError, match=r"data.mix\[1\].source=.* was prepared with another "
+                                         r"tokenizer"):
+        data.prepare_sources(mix_config(tmp_path, (str(first), 1), (str(other), 1)),
+                             vocab_size=512)
+
+
+# ---------------------------------------------------------------- parquet
+
+
+def write_parquet(path: Path, columns: dict, *, row_group_size: int = 7) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+
+
+def test_parquet_documents_round_trip_exactly_reading_only_the_text_column(
+    tmp_path, monkeypatch, prepared
+):
+    _, first, _ = prepared
+    rng = random.Random(6)
+    texts = [make_doc(rng, rng.randint(1, 5)) + HARD[k % len(HARD)] for k in range(40)]
+    texts[9] = ""  # an empty document: counted, not stored
+    write_parquet(tmp_path / "web.parquet",
+                  {"id": list(range(40)), "body": texts, "url": ["u"] * 40})
+    monkeypatch.setattr(data_prepare, "PARQUET_ROWS", 5)
+    items = list(data_prepare.read_items(tmp_path / "web.parquet", 0, fields=("body",)))
+    assert all(set(item.rows) == {"body"} for item in items)
+    assert [len(item.rows["body"]) for item in items] == [5] * 8 + [0]  # streamed, not whole
+
+    out = tmp_path / "out"
+    meta = prepare_dir([str(tmp_path / "web.parquet")], out, opts(text_key="body", workers=2),
+                       tokenizer=str(first / "tokenizer.model"))
+    assert documents(out, "train") == [t for t in texts if t]
+    assert meta["num_empty_documents"] == 1 and meta["skipped"] == []
+
+
+def test_sft_reads_prompt_and_response_columns_of_parquet(tmp_path, prepared):
+    _, first, _ = prepared
+    write_parquet(tmp_path / "chat.parquet",
+                  {"prompt": ["2+2?", "name?"], "response": ["4", "llama"]})
+    out = tmp_path / "out"
+    prepare_dir([str(tmp_path / "chat.parquet")], out, opts(format="sft"),
+                tokenizer=str(first / "tokenizer.model"))
+    ds = load_dataset(out, DataConfig(format="sft"), seq_len=32)
+    batch = ds.get_batch([0])
+    answer = batch["labels"][0][batch["labels"][0] != data.IGNORE_INDEX].tolist()
+    tok = ds.tokenizer
+    assert answer == [*tok.encode("4"), tok.eos_id, *tok.encode("llama"), tok.eos_id]
+
+
+def test_bad_parquet_inputs_are_skipped_with_one_line_each(tmp_path, capsys, prepared):
+    _, first, _ = prepared
+    write_parquet(tmp_path / "a.parquet", {"text": ["return value"]})
+    write_parquet(tmp_path / "b.parquet", {"content": ["x"]})
+    write_parquet(tmp_path / "c.parquet", {"text": ["print total", None]})
+    (tmp_path / "d.parquet").write_bytes(b"PAR1 not really parquet")
+    args = ["prepare", "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1",
+            "--tokenizer", str(first / "tokenizer.model")]
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"skipped {tmp_path / 'b.parquet'}: no column 'text' (columns: content); set " \
+           "data.text_key" in err
+    assert f"skipped {tmp_path / 'c.parquet'}: row 2: expected string column(s) 'text', " \
+           "found NoneType" in err
+    assert any(line.startswith(f"skipped {tmp_path / 'd.parquet'}: cannot read: ") for line in err)
+    assert documents(tmp_path / "out", "train") == ["return value"]
+
+
+# ---------------------------------------------------------------- parts and merge
+
+
+def test_parts_then_merge_equal_a_one_process_prepare_token_for_token(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus)
+    write_parquet(corpus / "z.parquet", {"text": ["from a parquet file", "second row"]})
+    common = ["--vocab-size", "400", "--workers", "1", "--val-fraction", "0.2"]
+    one = tmp_path / "one"
+    assert main(["prepare", "--input", str(corpus), "--out", str(one), *common]) == 0
+    parted = tmp_path / "parted"
+    for part in (2, 0, 1, 3):  # any order, as array tasks finish
+        args = ["prepare", "--input", str(corpus), "--out", str(parted), "--part", f"{part}/4"]
+        assert main([*args, *common]) == 0
+    assert main(["prepare", "--merge", str(parted)]) == 0
+    # A failed task is rerun alone: its part is replaced, the result is the same, and what a
+    # killed task left behind is removed.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    killed = parted / "parts" / f".part-00001-of-00004.tmp-{socket.gethostname()}-{dead}-0000aaaa"
+    killed.mkdir()
+    args = ["prepare", "--input", str(corpus), "--out", str(parted), "--part", "1/4"]
+    assert main([*args, *common]) == 0
+    assert main(["prepare", "--merge", str(parted)]) == 0
+    capsys.readouterr()
+
+    assert (one / "tokenizer.model").read_bytes() == (parted / "tokenizer.model").read_bytes()
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(one, split), read_split(parted, split))
+    a, b = (json.loads((d / "meta.json").read_text()) for d in (one, parted))
+    for key in ("num_tokens", "num_documents", "num_files", "skipped", "num_empty_documents",
+                "tokenizer_sha256", "inputs"):
+        assert a[key] == b[key], key
+    assert b["parts"] == 4
+    parts = sorted(p.name for p in (parted / "parts").iterdir())
+    assert parts == [f"part-0000{i}-of-00004" for i in range(4)]  # and no killed.name
+    ds = load_dataset(parted, DataConfig(), seq_len=16, vocab_size=400)
+    assert ds.get_batch([0])["input_ids"].tolist() == \
+        load_dataset(one, DataConfig(), seq_len=16).get_batch([0])["input_ids"].tolist()
+
+
+def test_merge_names_missing_parts_and_bad_part_arguments_are_one_line(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(make_doc(random.Random(1), 300))
+    out = str(tmp_path / "out")
+    common = ["--input", str(tmp_path / "a.txt"), "--out", out, "--vocab-size", "300"]
+    assert main(["prepare", *common, "--part", "0/3", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["prepare", "--merge", out]) == 2
+    assert main(["prepare", *common, "--part", "3/3"]) == 2
+    assert main(["prepare", "--merge", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"error: --merge='{out}': part(s) 1, 2 of 3 not finished; rerun them (prepare --part I/3, "
+        "or those array tasks)",
+        "error: --part='3/3'; allowed: I/N with 0 <= I < N (e.g. 0/8)",
+        f"error: --merge='{tmp_path / 'nothing'}' has no finished parts in "
+        f"'{tmp_path / 'nothing' / 'parts'}'; run prepare --part I/N first",
+    ]
+    assert not (tmp_path / "out" / "meta.json").exists()

@@ -1,8 +1,14 @@
-"""GlobalSampler: one seeded global order, sliced per rank, resumable at any world size."""
+"""GlobalSampler and MixtureSampler: one seeded global order, sliced per rank, resumable at any
+world size; a mixture in proportion to its weights, each source with epochs of its own."""
 
+import math
+import time
+
+import numpy as np
 import pytest
 
-from llamatrain.data import GlobalSampler
+from llamatrain.data import GlobalSampler, MixtureSampler
+from llamatrain.sampler import MIX_SLOTS
 
 
 def global_order(num_samples: int, seed: int, count: int) -> list[int]:
@@ -85,3 +91,97 @@ def test_a_batch_not_divisible_by_the_world_size_is_a_value_error_naming_both():
 def test_an_empty_dataset_is_a_value_error():
     with pytest.raises(ValueError, match="num_samples=0"):
         GlobalSampler(0, seed=0)
+
+
+# ---------------------------------------------------------------- mixtures
+
+SIZES, WEIGHTS = [1000, 50, 300], [0.6, 0.3, 0.1]
+
+
+def mixture(seed: int = 0) -> MixtureSampler:
+    return MixtureSampler(SIZES, WEIGHTS, seed=seed)
+
+
+def source_of(sampler: MixtureSampler, ids) -> np.ndarray:
+    return np.searchsorted(sampler.offsets, np.asarray(ids), side="right") - 1
+
+
+def test_mixture_proportions_are_the_weights_within_sampling_error():
+    sampler = mixture()
+    steps, batch = 300, 64
+    ids, per_batch = [], []
+    for _ in range(steps):
+        got = sampler.next_indices(batch, 0, 1)
+        ids += got
+        per_batch.append(np.bincount(source_of(sampler, got), minlength=3))
+    n = steps * batch
+    counts = np.bincount(source_of(sampler, ids), minlength=3)
+    for c, w in zip(counts, WEIGHTS, strict=True):
+        assert abs(c - w * n) < 4 * math.sqrt(n * w * (1 - w)), (counts, n)
+    # Batches are mixed, not striped: the weight-0.1 source's share varies from batch to batch.
+    smallest = [b[2] for b in per_batch]
+    assert min(smallest) < 6.4 < max(smallest)
+    assert sampler.samples_per_source() == counts.tolist()
+
+
+def test_an_upsampled_source_is_seen_once_per_its_own_epoch():
+    sampler = mixture(seed=5)
+    ids = sampler.indices_at(np.arange(1500))
+    small = ids[source_of(sampler, ids) == 1] - 1000  # 50 samples at weight 0.3
+    epochs = len(small) // 50
+    assert epochs >= 8
+    for e in range(epochs):
+        assert sorted(small[e * 50 : (e + 1) * 50].tolist()) == list(range(50))
+    big = ids[source_of(sampler, ids) == 0]
+    assert len(set(big.tolist())) == len(big)  # 1000 samples, less than one epoch used
+
+
+def test_mixture_counts_follow_the_order_across_block_boundaries():
+    sampler = mixture(seed=2)
+    n = MIX_SLOTS + 777
+    src = source_of(sampler, sampler.indices_at(np.arange(n)))
+    for consumed in (0, 1, 1000, MIX_SLOTS - 1, MIX_SLOTS, n):
+        expected = np.bincount(src[:consumed], minlength=3).tolist()
+        assert sampler.samples_per_source(consumed) == expected
+    assert sampler.slots.sum() == MIX_SLOTS
+
+
+@pytest.mark.parametrize("resume_world_size", [3, 1])
+def test_a_mixture_resumed_at_another_world_size_sees_exactly_the_next_samples(
+    resume_world_size,
+):
+    def run_mix(state, steps, world_size):
+        ranks = [mixture(seed=9) for _ in range(world_size)]
+        seen = []
+        for sampler in ranks:
+            sampler.load_state_dict(state)
+        for _ in range(steps):
+            for rank, sampler in enumerate(ranks):
+                seen += sampler.next_indices(6, rank, world_size)
+        return seen, ranks[0].state_dict()
+
+    seen, state = run_mix({"consumed": 0}, 4, 2)
+    more, state = run_mix(state, 7, resume_world_size)
+    assert state == {"consumed": 66}
+    assert seen + more == mixture(seed=9).indices_at(np.arange(66)).tolist()
+
+
+def test_a_weight_below_the_mixture_resolution_names_the_source():
+    with pytest.raises(ValueError, match=r"weight 1e-09 of 'tiny' is below the mixture's"):
+        MixtureSampler([10, 10], [1.0, 1e-9], names=["web", "tiny"])
+
+
+def test_a_two_trillion_token_mixture_serves_step_400000_from_its_small_state():
+    seq_len, batch = 4096, 1024  # 7B: 4M-token global batches
+    sizes = [int(2e12 * w) // seq_len for w in (0.7, 0.2, 0.1)]
+    sampler = MixtureSampler(sizes, [0.7, 0.2, 0.1], seed=0)
+    sampler.load_state_dict({"consumed": 400_000 * batch})
+    start = time.perf_counter()
+    ids = sampler.next_indices(batch, 0, 8)
+    counts = sampler.samples_per_source()
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.0  # about 0.02 s here
+    assert len(ids) == 128 and sampler.state_dict() == {"consumed": 400_001 * batch}
+    assert sum(counts) == 400_001 * batch
+    shares = [c / sum(counts) for c in counts]
+    assert all(abs(s - w) < 1e-4 for s, w in zip(shares, (0.7, 0.2, 0.1), strict=True))

@@ -1,5 +1,6 @@
 """launch/pretrain.sbatch on a real two-node SLURM cluster on localhost (launch/local-cluster):
-training across both nodes, preemption with requeue and resume, no requeue after a failure."""
+training across both nodes, preemption with requeue and resume, no requeue after a failure; and
+launch/prepare.sbatch, corpus preparation as an array job."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import losses
 from slurm_cluster import (
@@ -17,7 +19,11 @@ from slurm_cluster import (
     start_cluster,
     stop_cluster,
     tiny_overrides,
+    write_corpus,
 )
+from test_data import read_split
+
+from llamatrain.data import main as data_main
 
 SBATCH = str(LAUNCH / "pretrain.sbatch")
 CONFIG = str(REPO / "configs" / "tiny.toml")
@@ -160,3 +166,30 @@ def test_a_run_that_fails_is_not_requeued(cluster, overrides, tmp_path):
     assert info["Restarts"] == "0"
     assert "unknown key train.stepz" in log
     assert "not requeueing" in log
+
+
+def test_prepare_as_a_slurm_array_equals_a_one_process_prepare(cluster, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", num_bytes=150_000)
+    options = ["--vocab-size", "512", "--workers", "1", "--tokenizer-sample", "20000",
+               "--val-fraction", "0.1"]
+    parted = tmp_path / "parted"
+    job_id = cluster.sbatch("--array=0-1", "--job-name=prep", str(LAUNCH / "prepare.sbatch"),
+                            str(corpus), "--out", str(parted), *options, cwd=tmp_path)
+    logs = [tmp_path / f"prep-{job_id}_{k}.out" for k in (0, 1)]
+
+    def ended() -> bool:
+        active = cluster.run("squeue", "-h", "-j", str(job_id), "-o", "%T", check=False)
+        return all(log.exists() for log in logs) and not active.stdout.strip()
+
+    cluster.wait_for("both array tasks", ended, timeout=180, log=logs[0])
+    text = "".join(log.read_text() for log in logs)
+    assert "part 0/2" in text and "part 1/2" in text, text
+    assert f"all 2 parts done: {parted} is prepared" in text, text
+
+    one = tmp_path / "one"
+    assert data_main(["prepare", "--input", str(corpus), "--out", str(one), *options]) == 0
+    assert (one / "tokenizer.model").read_bytes() == (parted / "tokenizer.model").read_bytes()
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(one, split), read_split(parted, split)), split
+    meta = json.loads((parted / "meta.json").read_text())
+    assert meta["parts"] == 2 and len(list((parted / "parts").iterdir())) == 2

@@ -85,10 +85,25 @@ class TrainConfig:
 
 
 @dataclass
+class MixSource:
+    """One source of a weighted mixture: a `[[data.mix]]` table."""
+
+    source: str = _f("", "A file, directory or prepared directory, as data.source.")
+    weight: float = _f(1.0, "Share of the samples, relative to the other sources' weights.")
+    name: str = _f("", "Name in metrics and the report (default: the source's file name).")
+
+
+@dataclass
 class DataConfig:
     source: str = _f(
         "python-stdlib",
-        "python-stdlib, a file or directory of text/.jsonl(.gz/.zst), or a prepared directory.",
+        "python-stdlib, a file or directory of text/.jsonl/.parquet(.gz/.zst), or a prepared "
+        "directory.",
+    )
+    mix: list[MixSource] = field(
+        default_factory=list,
+        metadata={"help": "Weighted sources, [[data.mix]] tables of source, weight and name; "
+                          "replaces data.source."},
     )
     format: str = _f("pretrain", "pretrain (packed documents) or sft (prompt/response .jsonl).")
     cache_dir: str = _f("~/.cache/llamatrain", "Where prepared sources are cached.")
@@ -97,6 +112,7 @@ class DataConfig:
     val_fraction: float = _f(0.01, "Fraction of documents held out for validation.")
     workers: int = _f(0, "Tokenizer processes for prepare (0 = all cores).")
     tokenizer_sample: int = _f(200_000, "Most sentences sampled to train the tokenizer.")
+    prefetch: int = _f(2, "Steps of batches read ahead in a background thread (0 = in the loop).")
 
 
 @dataclass
@@ -215,6 +231,23 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _table_list(key: str, value: Any, item_cls: type) -> list[Any]:
+    """A TOML array of tables (`[[data.mix]]`) as a list of item_cls, each key checked."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{key} = {value!r}: expected an array of tables ([[{key}]])")
+    fields, hints = _keys(item_cls), typing.get_type_hints(item_cls)
+    items = []
+    for i, table in enumerate(value):
+        item = item_cls()
+        for k, v in table.items():
+            if k not in fields:
+                raise ValueError(f"unknown key {key}[{i}].{k}{_closest(k, fields)} "
+                                 f"(allowed: {', '.join(fields)})")
+            setattr(item, fields[k].name, _coerce(f"{key}[{i}].{k}", v, hints[fields[k].name]))
+        items.append(item)
+    return items
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     if section not in SECTIONS:
         raise ValueError(f"unknown section [{section}]{_closest(section, SECTIONS)}")
@@ -226,6 +259,10 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
         )
     f = fields[key]
     tp = typing.get_type_hints(SECTIONS[section])[f.name]
+    if typing.get_origin(tp) is list:
+        setattr(getattr(cfg, section), f.name,
+                _table_list(f"{section}.{key}", value, typing.get_args(tp)[0]))
+        return
     if tp is str and not isinstance(value, str):
         value = str(value).lower() if isinstance(value, bool) else str(value)
     setattr(getattr(cfg, section), f.name, _coerce(f"{section}.{key}", value, tp))
@@ -319,6 +356,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"data.val_fraction = {cfg.data.val_fraction}: expected [0, 1)")
     _positive("data.workers", cfg.data.workers, zero_ok=True)
     _positive("data.tokenizer_sample", cfg.data.tokenizer_sample)
+    _positive("data.prefetch", cfg.data.prefetch, zero_ok=True)
+    _validate_mix(cfg.data)
     p = cfg.parallel
     for key in ("dp_shard", "dp_replicate"):
         value = getattr(p, key)
@@ -342,6 +381,18 @@ def validate(cfg: Config) -> Config:
     _positive("carbon.pue", cfg.carbon.pue)
     _positive("carbon.intensity_kg_per_kwh", cfg.carbon.intensity_kg_per_kwh, zero_ok=True)
     return cfg
+
+
+def _validate_mix(data: DataConfig) -> None:
+    if data.mix and data.source != DataConfig.source:
+        raise ValueError(f"data.source = {data.source!r} and data.mix are both set: data.mix "
+                         "replaces data.source; keep one")
+    for i, m in enumerate(data.mix):
+        if not m.source:
+            raise ValueError(f"data.mix[{i}].source: required (a file, directory or prepared "
+                             "directory)")
+        if not (math.isfinite(m.weight) and m.weight > 0):
+            raise ValueError(f"data.mix[{i}].weight = {m.weight!r}: expected a number > 0")
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -371,10 +422,18 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     return validate(cfg)
 
 
+def _plain(value: Any) -> Any:
+    """A config value as TOML/JSON sees it: lists of tables as lists of dicts."""
+    if isinstance(value, list):
+        return [{f.metadata.get("key", f.name): getattr(v, f.name) for f in dataclasses.fields(v)}
+                for v in value]
+    return value
+
+
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return {
         section: {
-            f.metadata.get("key", f.name): getattr(getattr(cfg, section), f.name)
+            f.metadata.get("key", f.name): _plain(getattr(getattr(cfg, section), f.name))
             for f in dataclasses.fields(SECTIONS[section])
         }
         for section in SECTIONS
@@ -391,6 +450,9 @@ def to_toml(cfg: Config) -> str:
             # JSON's escapes (\n, \", \uXXXX) are TOML's; DEL is the one control character
             # JSON leaves raw and TOML refuses.
             return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+        if isinstance(v, list):
+            tables = ("{ " + ", ".join(f"{k} = {fmt(x)}" for k, x in t.items()) + " }" for t in v)
+            return "[" + ", ".join(tables) + "]"
         return repr(v)
 
     lines = []

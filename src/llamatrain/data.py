@@ -1,13 +1,20 @@
-"""The data API of the trainer: prepare a `data.source` once into the cache, load its token shards
-as a dataset of fixed-length samples, and hand them out through the GlobalSampler.
+"""The data API of the trainer: prepare a run's sources once into the cache (one `data.source`, or
+a weighted `data.mix`), load their token shards as datasets of fixed-length samples, and hand them
+out in the samplers' order.
 
 A pretraining sample i is the window of seq_len + 1 tokens starting at token i * seq_len of the
 split, packed across document boundaries as the paper does. An SFT sample packs whole examples
 (BOS prompt <sep> response EOS) back to back into seq_len + 1 tokens and pads the rest; its labels
 are -100 on the prompt, the separator and padding, so the loss covers answer tokens only (§3.1).
 
-CLI: `python -m llamatrain.data prepare --input PATH [PATH ...] --out DIR
-[--tokenizer MODEL | --vocab-size N] [--workers N]`.
+CLI:
+  python -m llamatrain.data prepare --input PATH [PATH ...] --out DIR
+      [--tokenizer MODEL | --vocab-size N] [--workers N] [--text-key KEY] ...
+  python -m llamatrain.data prepare --input PATH [PATH ...] --out DIR --part I/N ...
+  python -m llamatrain.data prepare --merge DIR
+The --part form tokenises share I of N of the files (an array task of launch/prepare.sbatch);
+--merge then writes DIR/meta.json, after which DIR is the same token stream as a one-process
+prepare of the same inputs.
 """
 
 from __future__ import annotations
@@ -20,21 +27,43 @@ import shutil
 import socket
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llamatrain.config import DataConfig
-from llamatrain.data_prepare import EMPTY, FORMATS, STDLIB, PrepareOptions, build, collect_files
-from llamatrain.sampler import GlobalSampler
+from llamatrain.data_parts import build_part, merge, parse_part
+from llamatrain.data_prepare import (
+    EMPTY,
+    FORMATS,
+    STDLIB,
+    TMP_TAG,
+    PrepareOptions,
+    build,
+    collect_files,
+    get_tokenizer,
+    publish,
+    remove_stale_builds,
+)
+from llamatrain.sampler import GlobalSampler, MixtureSampler
 from llamatrain.tokenizer import TRAINER_SETTINGS, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GlobalSampler", "PretrainDataset", "SFTDataset", "load_dataset", "prepare_source"]
+__all__ = [
+    "GlobalSampler",
+    "MixtureSampler",
+    "PretrainDataset",
+    "SFTDataset",
+    "TrainingData",
+    "load_dataset",
+    "open_training_data",
+    "prepare_source",
+    "prepare_sources",
+]
 
 IGNORE_INDEX = -100
 # Bump when the shard layout or tokenisation changes, so old cache entries are not reused.
@@ -69,7 +98,7 @@ def dataset_identity(path: str | Path) -> dict[str, Any]:
                        for s, v in sorted(meta["splits"].items())}}
 
 
-def _source_identity(source: str) -> dict[str, Any]:
+def _source_identity(source: str, *, key: str = "data.source") -> dict[str, Any]:
     """What names a source in the cache key: the stdlib by interpreter, a path by its top-level
     stat. Edits deep inside a directory are not seen (walking a huge corpus on every rank would
     cost more than it saves); delete the cache entry after changing files in place."""
@@ -78,7 +107,7 @@ def _source_identity(source: str) -> dict[str, Any]:
     p = Path(source).expanduser()
     if not p.exists():
         raise ValueError(
-            f"data.source={source!r} does not exist; allowed: {STDLIB}, or a file or directory"
+            f"{key}={source!r} does not exist; allowed: {STDLIB}, or a file or directory"
         )
     st = p.stat()
     return {"source": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -105,17 +134,30 @@ def cache_key(cfg: DataConfig, *, vocab_size: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_prepared(path: Path, cfg: DataConfig, *, vocab_size: int) -> None:
-    meta = read_meta(path)
-    if meta["format"] != cfg.format:
+def check_vocabulary(path: Path, meta: dict, *, vocab_size: int) -> None:
+    """The prepared directory's tokenizer.model is the one its shards were made with, and its
+    vocabulary fits the model's."""
+    tok = load_tokenizer(path / "tokenizer.model")
+    if tok.sha256 != meta["tokenizer_sha256"] or tok.vocab_size != meta["vocab_size"]:
         raise ValueError(
-            f"data.format={cfg.format!r} but {str(path)!r} was prepared as {meta['format']!r}"
+            f"dataset {str(path)!r}: tokenizer.model ({tok.vocab_size} pieces, sha256 "
+            f"{tok.sha256[:12]}) is not the tokenizer its shards were prepared with "
+            f"({meta['vocab_size']} pieces, sha256 {meta['tokenizer_sha256'][:12]})"
         )
     if meta["vocab_size"] > vocab_size:
         raise ValueError(
             f"model vocab_size={vocab_size} is smaller than the tokenizer's {meta['vocab_size']} "
             f"of {str(path)!r}; allowed: vocab_size >= {meta['vocab_size']}"
         )
+
+
+def _check_prepared(path: Path, cfg: DataConfig, *, vocab_size: int) -> None:
+    meta = read_meta(path)
+    if meta["format"] != cfg.format:
+        raise ValueError(
+            f"data.format={cfg.format!r} but {str(path)!r} was prepared as {meta['format']!r}"
+        )
+    check_vocabulary(path, meta, vocab_size=vocab_size)
     if cfg.tokenizer and load_tokenizer(cfg.tokenizer).sha256 != meta["tokenizer_sha256"]:
         raise ValueError(
             f"data.tokenizer={cfg.tokenizer!r} is not the tokenizer {str(path)!r} was prepared with"
@@ -127,7 +169,8 @@ def prepare_source(cfg: DataConfig, *, vocab_size: int) -> Path:
 
     Several processes may call this at once (ranks, nodes on a shared file system): each builds in
     its own temporary directory and renames it into place; whoever loses the race discards its
-    copy and returns the winner's. A prepared directory (with meta.json) is used as it is.
+    copy and returns the winner's. Temporary directories of killed builds are removed first. A
+    prepared directory (with meta.json) is used as it is.
     """
     if cfg.format not in FORMATS:
         raise ValueError(f"data.format={cfg.format!r}; allowed: {', '.join(FORMATS)}")
@@ -148,7 +191,9 @@ def prepare_source(cfg: DataConfig, *, vocab_size: int) -> Path:
     if (final / "meta.json").is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_builds(cache)
+    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = cache / f".{final.name}{TMP_TAG}{owner}"
     tmp.mkdir()
     try:
         build(
@@ -174,16 +219,31 @@ def prepare_source(cfg: DataConfig, *, vocab_size: int) -> Path:
 
 
 class TokenStream:
-    """One split's shards, memory-mapped, read as one array."""
+    """One split's shards, memory-mapped, read as one array.
 
-    def __init__(self, path: Path, meta: dict, split: str) -> None:
+    Opening checks every shard's size against meta.json (a truncated or missing .bin is an error,
+    never a smaller dataset); every read checks its token ids against `limit` (the tokenizer's
+    vocabulary), so a damaged shard is a ValueError naming the file and position rather than an
+    IndexError inside the embedding. A max over what was read costs nothing next to a step.
+    """
+
+    def __init__(self, path: Path, meta: dict, split: str, *, limit: int | None = None) -> None:
         if split not in meta["splits"]:
             raise ValueError(f"split={split!r}; allowed: {', '.join(meta['splits'])}")
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         shards = meta["splits"][split]["shards"]
-        self.arrays = [np.memmap(path / s["file"], dtype=dtype, mode="r") for s in shards]
+        self.files = [path / s["file"] for s in shards]
+        for shard, file in zip(shards, self.files, strict=True):
+            check_shard_size(file, shard["num_tokens"], dtype.itemsize)
+        self.arrays = [np.memmap(f, dtype=dtype, mode="r") for f in self.files]
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
         self.num_tokens = int(self.starts[-1])
+        if self.num_tokens != meta["splits"][split]["num_tokens"]:
+            raise ValueError(
+                f"dataset {str(path)!r}: the {split} shards hold {self.num_tokens} tokens but "
+                f"meta.json says {meta['splits'][split]['num_tokens']}; prepare it again"
+            )
+        self.limit = int(meta["vocab_size"] if limit is None else limit)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, across shard boundaries."""
@@ -193,9 +253,20 @@ class TokenStream:
         while done < length:
             a, offset = self.arrays[k], start + done - int(self.starts[k])
             n = min(length - done, len(a) - offset)
-            out[done : done + n] = a[offset : offset + n]
+            chunk = out[done : done + n]
+            chunk[:] = a[offset : offset + n]
+            if n and int(chunk.max()) >= self.limit:
+                self._bad_token(k, offset, chunk)
             done, k = done + n, k + 1
         return out
+
+    def _bad_token(self, k: int, offset: int, chunk: np.ndarray) -> None:
+        at = int(np.argmax(chunk >= self.limit))
+        raise ValueError(
+            f"dataset: token id {int(chunk[at])} >= vocabulary size {self.limit} at token "
+            f"{offset + at} of {str(self.files[k])!r}: the shard is damaged; prepare the source "
+            "again"
+        )
 
     def positions_of(self, token_id: int) -> np.ndarray:
         """Every position of token_id in the stream."""
@@ -204,6 +275,19 @@ class TokenStream:
             for a, s in zip(self.arrays, self.starts[:-1], strict=True)
         ]
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def check_shard_size(file: Path, num_tokens: int, itemsize: int) -> None:
+    """A shard must exist and hold exactly the tokens meta.json records for it."""
+    try:
+        size = file.stat().st_size
+    except OSError as e:
+        raise ValueError(f"dataset: shard {str(file)!r} cannot be read ({e.strerror})") from None
+    if size != num_tokens * itemsize:
+        raise ValueError(
+            f"dataset: shard {str(file)!r} has {size} bytes but meta.json records {num_tokens} "
+            f"tokens ({num_tokens * itemsize} bytes): truncated or damaged; prepare it again"
+        )
 
 
 @dataclass
@@ -318,14 +402,22 @@ class SFTDataset(_Dataset):
 
 
 def load_dataset(
-    path: str | Path, cfg: DataConfig, *, seq_len: int, split: str = "train"
+    path: str | Path,
+    cfg: DataConfig,
+    *,
+    seq_len: int,
+    split: str = "train",
+    vocab_size: int | None = None,
 ) -> PretrainDataset | SFTDataset:
     """The split of a prepared directory as fixed-length samples of seq_len tokens.
 
-    An empty training split is a ValueError; an empty validation split is a dataset of length 0.
+    With the model's vocab_size, the directory's tokenizer is checked against it first. An empty
+    training split is a ValueError; an empty validation split is a dataset of length 0.
     """
     path = Path(path)
     meta = read_meta(path)
+    if vocab_size is not None:
+        check_vocabulary(path, meta, vocab_size=vocab_size)
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len}; allowed: >= 1")
     if meta["format"] != cfg.format:
@@ -342,18 +434,220 @@ def load_dataset(
     return ds
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- mixtures
 
 
-def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
-    """Rename the finished tmp to out, replacing an old out only when asked."""
-    if out.exists() and overwrite:
-        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash)
+@dataclass(frozen=True)
+class Source:
+    """One source of a run: its name (metrics, report), where it is, its weight."""
+
+    name: str
+    source: str
+    weight: float
+    key: str  # the config key that names it, for error messages
+
+
+def run_sources(cfg: DataConfig) -> list[Source]:
+    """The sources of a run: data.mix, or data.source as a mixture of one."""
+    if not cfg.mix:
+        return [Source(_default_name(cfg.source), cfg.source, 1.0, "data.source")]
+    sources, seen = [], set()
+    for i, m in enumerate(cfg.mix):
+        name = m.name or _default_name(m.source)
+        if name in seen:
+            name = f"{name}-{i}"
+        seen.add(name)
+        sources.append(Source(name, m.source, m.weight, f"data.mix[{i}].source"))
+    return sources
+
+
+def _default_name(source: str) -> str:
+    return source if source == STDLIB else Path(source).expanduser().name or source
+
+
+def _prepared(source: str) -> Path | None:
+    p = Path(source).expanduser()
+    return p if source != STDLIB and (p / "meta.json").is_file() else None
+
+
+def shared_tokenizer(cfg: DataConfig, sources: list[Source], *, vocab_size: int) -> str:
+    """The tokenizer every source of a mixture is prepared with: data.tokenizer; else the one the
+    first prepared source was made with; else one trained once on a sample of all the sources'
+    files, kept in the cache (several processes may train it at once: the same bytes)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    for s in sources:
+        if (path := _prepared(s.source)) is not None:
+            return str(path / "tokenizer.model")
+    key = {
+        "version": CACHE_VERSION,
+        "sources": [_source_identity(s.source, key=s.key) for s in sources],
+        "format": cfg.format,
+        "text_key": cfg.text_key,
+        "vocab_size": vocab_size,
+        "sample": cfg.tokenizer_sample,
+        "settings": TRAINER_SETTINGS,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cfg.cache_dir).expanduser()
+    path = cache / f"tokenizer-{digest}.model"
+    if not path.is_file():
+        files = [f for s in sources for f in collect_files([s.source], key=s.key)]
+        tok = get_tokenizer(files, _options(cfg), tokenizer="", vocab_size=vocab_size)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{path.name}{TMP_TAG}{socket.gethostname()}-{os.getpid()}"
+        tok.save(tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def prepare_sources(cfg: DataConfig, *, vocab_size: int) -> list[Path]:
+    """Prepared directory of every source of the run, all made with one tokenizer."""
+    sources = run_sources(cfg)
+    if len(sources) == 1:
+        return [prepare_source(replace(cfg, source=sources[0].source, mix=[]),
+                               vocab_size=vocab_size)]
+    for s in sources:
+        _source_identity(s.source, key=s.key)  # a missing source first, before any work
+    tokenizer = shared_tokenizer(cfg, sources, vocab_size=vocab_size)
+    sha = load_tokenizer(tokenizer).sha256
+    paths = []
+    for s in sources:
+        prepared = _prepared(s.source)
+        if prepared is not None and read_meta(prepared)["tokenizer_sha256"] != sha:
+            raise ValueError(
+                f"{s.key}={s.source!r} was prepared with another tokenizer (sha256 "
+                f"{read_meta(prepared)['tokenizer_sha256'][:12]}) than the mixture's "
+                f"{tokenizer!r} (sha256 {sha[:12]}); allowed: sources prepared with one "
+                "tokenizer (prepare --tokenizer MODEL)"
+            )
+        paths.append(prepare_source(replace(cfg, source=s.source, tokenizer=tokenizer, mix=[]),
+                                    vocab_size=vocab_size))
+    return paths
+
+
+class MixtureDataset:
+    """Several sources' datasets as one: sample offsets[i] + j is sample j of source i."""
+
+    def __init__(self, datasets: list[PretrainDataset | SFTDataset]) -> None:
+        self.datasets = datasets
+        self.offsets = np.cumsum([0] + [len(d) for d in datasets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def path(self) -> Path:
+        """The first source's directory: every source holds the same tokenizer.model."""
+        return self.datasets[0].path
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.datasets[0].tokenizer
+
+    def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        import torch
+
+        ids = np.asarray(indices, dtype=np.int64)
+        if len(ids) and not (ids.min() >= 0 and ids.max() < len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)})")
+        src = np.searchsorted(self.offsets, ids, side="right") - 1
+        out: dict[str, torch.Tensor] = {}
+        for s in np.unique(src):
+            rows = np.flatnonzero(src == s)
+            part = self.datasets[s].get_batch((ids[rows] - self.offsets[s]).tolist())
+            for k, v in part.items():
+                if k not in out:
+                    out[k] = torch.empty((len(ids), *v.shape[1:]), dtype=v.dtype)
+                out[k][torch.from_numpy(rows)] = v
+        return out
+
+
+class OrderedView:
+    """A dataset read in a sampler's order: item p is dataset[order.indices_at([p])]. The
+    validation split of a mixture: its first samples are drawn in the training proportions."""
+
+    def __init__(self, dataset: MixtureDataset, order: MixtureSampler) -> None:
+        self.dataset, self.order = dataset, order
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.dataset.get_batch(self.order.indices_at(indices).tolist())
+
+
+@dataclass
+class TrainingData:
+    """What the trainer reads: the training and validation data of its sources, the sampler of
+    the training order, and what identifies the data (for a resume to compare)."""
+
+    sources: list[Source]
+    paths: list[Path]
+    train: PretrainDataset | SFTDataset | MixtureDataset
+    val: PretrainDataset | SFTDataset | OrderedView
+    sampler: GlobalSampler | MixtureSampler
+    tokenizer_sha256: str
+    identity: dict[str, Any]
+
+    def samples_per_source(self, consumed: int) -> dict[str, int]:
+        """Training samples each source has given in the first `consumed` of the order."""
+        if isinstance(self.sampler, MixtureSampler):
+            counts = self.sampler.samples_per_source(consumed)
+        else:
+            counts = [consumed]
+        return {s.name: n for s, n in zip(self.sources, counts, strict=True)}
+
+    def source_sizes(self) -> dict[str, int]:
+        if isinstance(self.train, MixtureDataset):
+            sizes = [len(d) for d in self.train.datasets]
+        else:
+            sizes = [len(self.train)]
+        return {s.name: n for s, n in zip(self.sources, sizes, strict=True)}
+
+
+def open_training_data(
+    paths: list[Path], cfg: DataConfig, *, seq_len: int, vocab_size: int, seed: int
+) -> TrainingData:
+    """The prepared sources of a run (prepare_sources' paths) as datasets and a sampler."""
+    sources = run_sources(cfg)
+    metas = [read_meta(p) for p in paths]
+    shas = {m["tokenizer_sha256"] for m in metas}
+    if len(shas) > 1:
+        raise ValueError(f"data.mix: the sources were prepared with {len(shas)} different "
+                         "tokenizers; allowed: one")
+    train = [load_dataset(p, cfg, seq_len=seq_len, split="train", vocab_size=vocab_size)
+             for p in paths]
+    val = [load_dataset(p, cfg, seq_len=seq_len, split="val", vocab_size=vocab_size)
+           for p in paths]
+    # One source: its dataset identity as it is; a mixture: each source's with its weight (another
+    # weight is another order). Names are left out: renaming a source changes no sample.
+    if len(paths) == 1:
+        identity = dataset_identity(paths[0])
     else:
-        os.rename(tmp, out)  # onto an empty directory too; anything else was refused earlier
+        # Keyed by position, so that a difference reads "data.sources.1.weight 0.2 -> 0.3".
+        identity = {"sources": {str(i): {"weight": s.weight, **dataset_identity(p)}
+                                for i, (s, p) in enumerate(zip(sources, paths, strict=True))}}
+    common = dict(sources=sources, paths=list(paths), tokenizer_sha256=shas.pop(),
+                  identity=identity)
+    if len(paths) == 1:
+        return TrainingData(train=train[0], val=val[0],
+                            sampler=GlobalSampler(num_samples=len(train[0]), seed=seed), **common)
+    names = [s.name for s in sources]
+    sampler = MixtureSampler([len(d) for d in train], [s.weight for s in sources], seed=seed,
+                             names=names)
+    has_val = [i for i, d in enumerate(val) if len(d)]
+    if has_val:
+        val_order = MixtureSampler([len(val[i]) for i in has_val],
+                                   [sources[i].weight for i in has_val], seed=seed,
+                                   names=[names[i] for i in has_val])
+        val_data: Any = OrderedView(MixtureDataset([val[i] for i in has_val]), val_order)
+    else:
+        val_data = val[0]  # empty: the trainer skips validation
+    return TrainingData(train=MixtureDataset(train), val=val_data, sampler=sampler, **common)
+
+
+# ---------------------------------------------------------------- CLI
 
 
 def prepare_dir(
@@ -385,20 +679,27 @@ def prepare_dir(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llamatrain.data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llamatrain.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenise a corpus into token shards")
-    p.add_argument("--input", nargs="+", required=True, help=f"files, directories or {STDLIB}")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--input", nargs="+", help=f"files, directories or {STDLIB}")
+    p.add_argument("--out", type=Path, help="output directory")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default="", help="existing SentencePiece model to use")
     tok.add_argument("--vocab-size", type=int, default=32_000, help="train a tokenizer this big")
     p.add_argument("--workers", type=int, default=0, help="tokenising processes; 0 = all cores")
     p.add_argument("--format", default="pretrain", choices=FORMATS)
-    p.add_argument("--text-key", default="text", help="JSON field of a .jsonl document")
+    p.add_argument("--text-key", default="text",
+                   help="JSON field of a .jsonl document, column of a parquet file")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--tokenizer-sample", type=int, default=200_000, help="lines to train on")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared --out")
+    p.add_argument("--part", metavar="I/N",
+                   help="tokenise share I (0-based) of N of the files into OUT/parts/ (one task "
+                        "of a SLURM array); --merge OUT then completes OUT")
+    p.add_argument("--merge", type=Path, metavar="DIR",
+                   help="write DIR/meta.json from the finished parts of DIR")
     args = parser.parse_args(argv)
     opts = PrepareOptions(
         format=args.format,
@@ -408,6 +709,24 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_sample=args.tokenizer_sample,
     )
     try:
+        if args.merge is not None:
+            if args.input or args.part:
+                raise ValueError("--merge DIR takes no --input or --part; it reads DIR/parts")
+            meta = merge(args.merge.expanduser())
+            _print_summary(args.merge, meta)
+            return 0
+        if not args.input or args.out is None:
+            raise ValueError("--input and --out: required (or --merge DIR)")
+        if args.part:
+            part, num_parts = parse_part(args.part)
+            info = build_part(args.input, args.out.expanduser(), opts, part=part,
+                              num_parts=num_parts, tokenizer=args.tokenizer,
+                              vocab_size=args.vocab_size)
+            lo, hi = info["files"]
+            print(f"{args.out}: part {part}/{num_parts}: files {lo}-{hi} of "
+                  f"{info['num_files_total']}, {sum(info['num_tokens'].values()):,} tokens, "
+                  f"{len(info['skipped'])} files skipped")
+            return 0
         meta = prepare_dir(
             args.input,
             args.out,
@@ -419,6 +738,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _print_summary(args.out, meta)
+    return 0
+
+
+def _print_summary(out: Path, meta: dict) -> None:
     bad = [s for s in meta["skipped"] if s["reason"] != EMPTY]
     for s in bad[:20]:
         print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
@@ -428,11 +752,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {len(meta['skipped']) - len(bad)} empty files", file=sys.stderr)
     sp = meta["splits"]
     print(
-        f"{args.out}: {meta['num_tokens']:,} tokens ({meta['dtype']}), {meta['num_documents']:,} "
+        f"{out}: {meta['num_tokens']:,} tokens ({meta['dtype']}), {meta['num_documents']:,} "
         f"documents (train {sp['train']['num_documents']:,}, val {sp['val']['num_documents']:,}), "
         f"{len(meta['skipped'])} files skipped"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,23 +1,35 @@
 """Corpus -> token shards: find the input files, sample them to train the tokenizer, tokenise every
 document on all workers, and write shards plus meta.json into a fresh directory.
 
+Inputs are text files (one document each), .jsonl records (`text_key`, or prompt/response for
+SFT) and parquet files (the same names as columns), text and .jsonl optionally .gz or .zst. Every
+file is streamed: blocks of text, row batches of parquet, so memory is bounded by the block size,
+not the file size; a text document longer than a block is tokenised in pieces cut after newlines.
+
 Documents are tokenised in a fixed order (inputs as given, directories sorted) and written in that
 order, so the output is byte-identical whatever the number of workers. A file that cannot be read
-as UTF-8 text (or JSON lines) is rolled back and listed in meta.json's `skipped`; nothing else is
-lost. Publishing the directory atomically is the caller's job (see data.py).
+(a dangling or looping symlink, one gone mid-run, a truncated archive) or is not what its format
+promises (not UTF-8, bad JSON, a missing column) is rolled back and listed in meta.json's
+`skipped`; nothing else is lost. Publishing the directory atomically is the caller's job (see
+data.py).
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import random
+import shutil
+import socket
 import sys
 import sysconfig
 import time
+import uuid
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -120,6 +132,15 @@ def is_jsonl(path: Path) -> bool:
     return _base_name(path).endswith(".jsonl")
 
 
+def is_parquet(path: Path) -> bool:
+    return path.name.endswith(".parquet")
+
+
+def record_fields(opts: PrepareOptions) -> tuple[str, ...]:
+    """Fields of a .jsonl record or columns of a parquet file that hold a document."""
+    return ("prompt", "response") if opts.format == "sft" else (opts.text_key,)
+
+
 def _blocks(path: Path) -> Iterator[bytes]:
     """The file's bytes, decompressed, in blocks of up to TASK_BYTES."""
     with open(path, "rb") as raw:
@@ -149,20 +170,45 @@ def _zstd_blocks(raw: BinaryIO) -> Iterator[bytes]:
 
 @dataclass
 class Item:
-    """A piece of one input file: the whole of a text file, or whole lines of a .jsonl file."""
+    """A piece of one input file: whole lines of a .jsonl file, or a text file's document, whole
+    or (when longer than a block) in pieces cut after a newline."""
 
     file_index: int
     data: bytes
     first_line: int = 0
     last: bool = False
     error: str = ""
+    # A text document in several pieces: whether this piece opens (BOS) and closes (EOS) it, and
+    # the whole document's content hash, which decides its split before all of it is read.
+    opens: bool = True
+    closes: bool = True
+    doc_hash: int | None = None
+    # Rows of a parquet file: column -> values, already read by pyarrow (data is then empty).
+    rows: dict[str, list] | None = None
+    rows_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + self.rows_bytes
 
 
-def read_items(path: Path, file_index: int) -> Iterator[Item]:
-    """A file's pieces in order; the last one has last=True. Read errors become an error item."""
+# Rows per parquet piece: pyarrow reads one row group at a time and hands out this many rows.
+PARQUET_ROWS = 1024
+
+
+def read_items(path: Path, file_index: int, *, fields: tuple[str, ...] = ("text",),
+               scan: bool = True) -> Iterator[Item]:
+    """A file's pieces in order; the last one has last=True. Read errors become an error item.
+
+    Memory is bounded by the block size (a row group for parquet), not the file size. scan=False
+    skips the first pass over a long text document (its hash and checks), for reading a sample.
+    """
     try:
+        if is_parquet(path):
+            yield from _parquet_items(path, file_index, fields)
+            return
         if not is_jsonl(path):
-            yield Item(file_index, b"".join(_blocks(path)), last=True)
+            yield from _text_items(path, file_index, scan=scan)
             return
         line, rest, pending = 0, b"", None
         for block in _blocks(path):
@@ -187,6 +233,85 @@ def read_items(path: Path, file_index: int) -> Iterator[Item]:
         yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
 
 
+def _parquet_items(path: Path, file_index: int, fields: tuple[str, ...]) -> Iterator[Item]:
+    """The document columns of a parquet file, streamed row group by row group."""
+    import pyarrow as pa  # only where there is parquet to read
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        with pq.ParquetFile(path) as pf:
+            names = pf.schema_arrow.names
+            missing = [f for f in fields if f not in names]
+            if missing:
+                yield Item(file_index, b"", last=True, error=(
+                    f"no column {missing[0]!r} (columns: {', '.join(names)}); set data.text_key"))
+                return
+            for batch in pf.iter_batches(batch_size=PARQUET_ROWS, columns=list(fields)):
+                rows = batch.to_pydict()
+                size = sum(len(v) for col in rows.values() for v in col if isinstance(v, str))
+                yield Item(file_index, b"", first_line=row, rows=rows, rows_bytes=size)
+                row += batch.num_rows
+    except pa.ArrowException as e:
+        yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
+        return
+    yield Item(file_index, b"", first_line=row, last=True, rows={f: [] for f in fields})
+
+
+def _text_items(path: Path, file_index: int, *, scan: bool) -> Iterator[Item]:
+    """A text file is one document: one Item when it fits in a block. A longer one is read twice,
+    streaming: first to hash it and check it is UTF-8 with some text, then in pieces."""
+    blocks = _blocks(path)
+    first, more = next(blocks, b""), next(blocks, None) is not None
+    blocks.close()
+    if not more:
+        yield Item(file_index, first, last=True)
+        return
+    doc_hash, error, blank = _scan_text(path) if scan else (0, "", False)
+    if error or blank:
+        yield Item(file_index, b"", last=True, error=error)
+        return
+    rest, opens = b"", True
+    for block in _blocks(path):
+        block = rest + block
+        cut = _piece_end(block)
+        if cut:
+            yield Item(file_index, block[:cut], opens=opens, closes=False, doc_hash=doc_hash)
+            opens = False
+        rest = block[cut:]
+    yield Item(file_index, rest, last=True, opens=opens, doc_hash=doc_hash)
+
+
+def _piece_end(block: bytes) -> int:
+    """Where to cut a long document's block: after its last newline, where tokenisation can
+    restart exactly; in a line longer than a block, at the last character boundary."""
+    cut = block.rfind(b"\n") + 1
+    if not cut:
+        cut = len(block)
+        while cut > 0 and len(block) - cut < 4 and block[cut - 1] & 0xC0 == 0x80:
+            cut -= 1  # inside a multi-byte character: back to its lead byte
+        if cut and block[cut - 1] >= 0xC0:
+            cut -= 1
+    return cut
+
+
+def _scan_text(path: Path) -> tuple[int, str, bool]:
+    """(content hash, UTF-8 error or '', whether it is blank) of a whole file, read in blocks."""
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    for block in itertools.chain(_blocks(path), [b""]):
+        pending = len(decoder.getstate()[0])
+        try:
+            text = decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            return 0, f"not valid UTF-8 (byte {offset - pending + e.start}: {e.reason})", False
+        h.update(block)
+        offset += len(block)
+        blank = blank and not text.strip()
+    return int.from_bytes(h.digest(), "little"), "", blank
+
+
 NEWLINE = b"\n"
 
 
@@ -196,6 +321,17 @@ class DocumentError(Exception):
 
 def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list:
     """Documents of a piece: str for pretraining, (prompt, response) for SFT."""
+    keys = ("prompt", "response") if fmt == "sft" else (text_key,)
+    if item.rows is not None:
+        docs = []
+        for i, values in enumerate(zip(*(item.rows[k] for k in keys), strict=True)):
+            if not all(isinstance(v, str) for v in values):
+                wanted = ", ".join(repr(k) for k in keys)
+                found = ", ".join(type(v).__name__ for v in values)
+                raise DocumentError(f"row {item.first_line + i + 1}: expected string column(s) "
+                                    f"{wanted}, found {found}")
+            docs.append(values if fmt == "sft" else values[0])
+        return docs
     try:
         text = item.data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -206,7 +342,9 @@ def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list
         raise DocumentError(f"not valid UTF-8 ({where}: {e.reason})") from None
     if not jsonl:
         if fmt == "sft":
-            raise DocumentError('sft needs .jsonl lines of {"prompt": ..., "response": ...}')
+            raise DocumentError(
+                'sft needs .jsonl lines of {"prompt": ..., "response": ...} or parquet columns'
+            )
         return [text]
     docs: list = []
     for i, line in enumerate(text.split("\n")):
@@ -217,7 +355,6 @@ def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DocumentError(f"{where}: invalid JSON ({e.msg})") from None
-        keys = ("prompt", "response") if fmt == "sft" else (text_key,)
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in keys):
             wanted = ", ".join(repr(k) for k in keys)
             raise DocumentError(f"{where}: expected a JSON object with string field(s) {wanted}")
@@ -236,7 +373,7 @@ def sample_sentences(files: Sequence[Path], opts: PrepareOptions) -> list[str]:
     sample: list[str] = []
     for k in order:
         path, taken = files[k], 0
-        for item in read_items(path, k):
+        for item in read_items(path, k, fields=record_fields(opts), scan=False):
             if item.error:
                 break
             try:
@@ -295,10 +432,20 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+HASH_BYTES = 8
+
+
+def content_hash(content: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(content, digest_size=HASH_BYTES).digest(), "little")
+
+
 def is_val(content: bytes, val_fraction: float) -> bool:
     """Stable split: the document's content hash, read as a number in [0, 1)."""
-    h = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
-    return h < val_fraction * 2.0**64
+    return hash_is_val(content_hash(content), val_fraction)
+
+
+def hash_is_val(doc_hash: int, val_fraction: float) -> bool:
+    return doc_hash < val_fraction * 2.0 ** (8 * HASH_BYTES)
 
 
 def encode_task(items: list[Item]) -> list[ItemResult]:
@@ -308,7 +455,7 @@ def encode_task(items: list[Item]) -> list[ItemResult]:
 def encode_item(item: Item) -> ItemResult:
     tok: Tokenizer = _worker["tok"]
     opts: PrepareOptions = _worker["opts"]
-    res = ItemResult(item.file_index, item.last, len(item.data), error=item.error)
+    res = ItemResult(item.file_index, item.last, item.size, error=item.error)
     if item.error:
         return res
     try:
@@ -318,6 +465,8 @@ def encode_item(item: Item) -> ItemResult:
     except DocumentError as e:
         res.error = str(e)
         return res
+    if item.doc_hash is not None:
+        return _encode_piece(item, docs[0], tok, opts, res)
     if opts.format == "sft":
         kept = [(p, r) for p, r in docs if r.strip()]
         flat = tok.encode_batch([t for pr in kept for t in pr])
@@ -338,6 +487,20 @@ def encode_item(item: Item) -> ItemResult:
         out[split].append(tok.eos_id)
         res.num_documents[split] += 1
     res.tokens = {s: np.array(out[s], dtype=_worker["dtype"]) for s in SPLITS}
+    return res
+
+
+def _encode_piece(
+    item: Item, text: str, tok: Tokenizer, opts: PrepareOptions, res: ItemResult
+) -> ItemResult:
+    """A piece of a long text document: BOS only on the first, EOS only on the last."""
+    ids = tok.encode(text) if item.opens else tok.encode_continuation(text)
+    split = "val" if hash_is_val(item.doc_hash or 0, opts.val_fraction) else "train"
+    tokens = [tok.bos_id] * item.opens + ids + [tok.eos_id] * item.closes
+    res.num_documents = {s: int(s == split and item.closes) for s in SPLITS}
+    res.tokens = {
+        s: np.array(tokens if s == split else [], dtype=_worker["dtype"]) for s in SPLITS
+    }
     return res
 
 
@@ -434,14 +597,15 @@ class Totals:
         return Totals(dict(self.num_tokens), dict(self.num_documents), self.num_empty)
 
 
-def _tasks(files: Sequence[Path], abandoned: set[int]) -> Iterator[list[Item]]:
+def _tasks(files: Sequence[Path], fields: tuple[str, ...], abandoned: set[int]
+           ) -> Iterator[list[Item]]:
     """Items grouped into tasks of about TASK_BYTES, in file order."""
     task: list[Item] = []
     size = 0
     for k, path in enumerate(files):
-        for item in read_items(path, k):
+        for item in read_items(path, k, fields=fields):
             task.append(item)
-            size += len(item.data)
+            size += item.size
             if size >= TASK_BYTES:
                 yield task
                 task, size = [], 0
@@ -465,12 +629,12 @@ def _results(files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, abando
     n = opts.num_workers()
     if n == 1:
         init_worker(*init)
-        for task in _tasks(files, abandoned):
+        for task in _tasks(files, record_fields(opts), abandoned):
             yield from encode_task(task)
         return
     with multiprocessing.get_context(_start_method()).Pool(n, init_worker, init) as pool:
         pending: deque = deque()
-        tasks = _tasks(files, abandoned)
+        tasks = _tasks(files, record_fields(opts), abandoned)
         while True:
             # A bounded window keeps memory flat when reading outruns tokenising.
             while len(pending) < 4 * n and (task := next(tasks, None)) is not None:
@@ -480,13 +644,21 @@ def _results(files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, abando
             yield from pending.popleft().get()
 
 
+def file_size(path: Path) -> int:
+    """Bytes of a file for the progress bar; one that cannot be read is skipped later, by name."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def tokenize_files(
     files: Sequence[Path], tok: Tokenizer, opts: PrepareOptions, out_dir: Path
 ) -> tuple[Totals, list[dict], dict[str, list[dict]]]:
     """Write the split shards of files into out_dir; returns totals, skipped files and shards."""
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(out_dir, s, dtype, opts.shard_tokens) for s in SPLITS}
-    sizes = [p.stat().st_size for p in files]
+    sizes = [file_size(p) for p in files]
     progress = Progress(total_files=len(files), total_bytes=sum(sizes), enabled=opts.progress)
     totals, skipped, abandoned = Totals(), [], set()
     current, failed, done_files, done_bytes = -1, False, 0, 0
@@ -547,14 +719,33 @@ def build(
     files = collect_files(inputs, key=key)
     tok = get_tokenizer(files, opts, tokenizer=tokenizer, vocab_size=vocab_size)
     totals, skipped, shards = tokenize_files(files, tok, opts, out_dir)
+    meta = dataset_meta(inputs, opts, tok, tokenizer, totals, skipped, shards, len(files), key=key)
+    tok.save(out_dir / "tokenizer.model")
+    # meta.json last: its presence is what "complete" means.
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def dataset_meta(
+    inputs: Sequence[str],
+    opts: PrepareOptions,
+    tok: Tokenizer,
+    tokenizer: str,
+    totals: Totals,
+    skipped: list[dict],
+    shards: dict[str, list[dict]],
+    num_files: int,
+    *,
+    key: str,
+) -> dict:
+    """meta.json of a prepared directory; no usable document at all is a ValueError."""
     num_documents = sum(totals.num_documents.values())
     if not num_documents:
+        first = f" (first skipped: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise ValueError(
-            f"{key}={' '.join(inputs)!r}: none of {len(files)} files held a usable document "
-            f"(first skipped: {skipped[0]['path']}: {skipped[0]['reason']})"
+            f"{key}={' '.join(inputs)!r}: none of {num_files} files held a usable document{first}"
         )
-    tok.save(out_dir / "tokenizer.model")
-    meta = {
+    return {
         "version": META_VERSION,
         "format": opts.format,
         "dtype": token_dtype(tok.vocab_size).name,
@@ -577,10 +768,59 @@ def build(
         "val_fraction": opts.val_fraction,
         "text_key": opts.text_key,
         "inputs": list(inputs),
-        "num_files": len(files),
+        "num_files": num_files,
         "num_empty_documents": totals.num_empty,
         "skipped": skipped,
     }
-    # meta.json last: its presence is what "complete" means.
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return meta
+
+
+# ---------------------------------------------------------------- publishing
+
+
+TMP_TAG = ".tmp-"
+# A build on another host is presumed dead when nothing in its directory changed for this long:
+# longer than training any tokenizer on a bounded sample, or writing one block of shards.
+STALE_BUILD_S = 6 * 3600
+
+
+def remove_stale_builds(cache: Path) -> list[Path]:
+    """Delete the temporary directories of cache builds whose process is gone (killed, node lost):
+    on this host, when their pid is no longer running; from another host (a shared file system),
+    when untouched for STALE_BUILD_S. Returns what was removed."""
+    removed = []
+    host, now = socket.gethostname(), time.time()
+    for d in cache.glob(f".*{TMP_TAG}*"):
+        owner = d.name.rsplit(TMP_TAG, 1)[1]
+        parts = owner.rsplit("-", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            mtime = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
+        except OSError:
+            continue  # finished or removed meanwhile
+        if (parts[0] == host and not _running(int(parts[1]))) or now - mtime > STALE_BUILD_S:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
+
+def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
+    """Rename the finished tmp to out, replacing an old out only when asked."""
+    if out.exists() and overwrite:
+        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash)
+    else:
+        os.rename(tmp, out)  # onto an empty directory too; anything else was refused earlier

@@ -78,6 +78,15 @@ class Tokenizer:
         """Token ids of text, without BOS/EOS."""
         return self.sp.encode(text)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of text that continues a document cut after a newline: as encode() would
+        give them inside the whole document, without the dummy prefix of a document's start.
+        Encoded after a newline whose own tokens are then dropped (no piece of a model trained
+        here spans a newline, so nothing merges across it)."""
+        lead = self.sp.encode("\n")
+        ids = self.sp.encode("\n" + text)
+        return ids[len(lead) :] if ids[: len(lead)] == lead else self.encode(text)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # One thread: the data pipeline parallelises across processes instead.
         return self.sp.encode(texts, num_threads=1)

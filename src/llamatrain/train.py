@@ -45,9 +45,10 @@ from llamatrain.config import (
     to_toml,
     usage,
 )
-from llamatrain.data import GlobalSampler, dataset_identity, load_dataset, prepare_source
+from llamatrain.data import open_training_data, prepare_sources
 from llamatrain.flops import mfu as model_flops_utilisation
 from llamatrain.identity import new_run_id, run_identity
+from llamatrain.loader import BatchLoader
 from llamatrain.metrics import (
     MetricsLogger,
     memory_gb,
@@ -214,6 +215,7 @@ class Trainer:
                                        attention_backward(cfg))  # fmt: skip
         self.faults = Faults.from_env()
         self.staging_wait_s = 0.0  # time the loop waited for async checkpoint staging
+        self.loader: BatchLoader | None = None  # started at the first step, after a restore
         self.state_bytes: dict[str, int] = {}
         self.lock = self._lock_run_dir()
         try:
@@ -279,17 +281,20 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg, world = self.cfg, self.world
-        # One process per node prepares the source; the others then find it in the cache.
+        # One process per node prepares the sources; the others then find them in the cache.
         if world.local_rank == 0:
-            path = prepare_source(cfg.data, vocab_size=cfg.model.vocab_size)
+            paths = prepare_sources(cfg.data, vocab_size=cfg.model.vocab_size)
         if dist.is_initialized():
             dist.barrier()
         if world.local_rank != 0:
-            path = prepare_source(cfg.data, vocab_size=cfg.model.vocab_size)
-        self.train_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="train")
-        self.val_data = load_dataset(path, cfg.data, seq_len=cfg.train.seq_len, split="val")
-        self.sampler = GlobalSampler(num_samples=len(self.train_data), seed=cfg.train.seed)
-        self.data_identity = dataset_identity(path)
+            paths = prepare_sources(cfg.data, vocab_size=cfg.model.vocab_size)
+        self.data = open_training_data(paths, cfg.data, seq_len=cfg.train.seq_len,
+                                       vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
+        self.train_data, self.val_data = self.data.train, self.data.val
+        self.sampler = self.data.sampler
+        # What a resume compares: the training data and the tokenizer it was prepared with.
+        self.data_identity = self.data.identity
+        self.tokenizer_sha256 = self.data.tokenizer_sha256
         if cfg.train.epochs > 0:
             cfg.train.steps = math.ceil(cfg.train.epochs * len(self.train_data) / self.global_batch)
             if cfg.train.warmup_steps >= cfg.train.steps:
@@ -297,7 +302,10 @@ class Trainer:
                                  f"than the {cfg.train.steps} steps of train.epochs = "
                                  f"{cfg.train.epochs}")
             self.log(f"train.epochs = {cfg.train.epochs}: {cfg.train.steps} steps")
-        self.log(f"data {path}: {len(self.train_data):,} training and {len(self.val_data):,} "
+        for source, path in zip(self.data.sources, self.data.paths, strict=True):
+            self.log(f"data {source.name} (weight {source.weight:g}) {path}: "
+                     f"{self.data.source_sizes()[source.name]:,} training sequences")
+        self.log(f"data: {len(self.train_data):,} training and {len(self.val_data):,} "
                  f"validation sequences")
 
     def _setup_model(self) -> None:
@@ -365,13 +373,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
-        start = time.perf_counter()
-        indices = self.sampler.next_indices(self.global_batch, self.dp_rank, self.dp_size)
-        batch = self.train_data.get_batch(indices)
-        mbs = self.cfg.train.micro_batch_size
-        micro = [{k: v[i : i + mbs].to(self.device, non_blocking=True) for k, v in batch.items()}
-                 for i in range(0, len(indices), mbs)]
-        return micro, time.perf_counter() - start
+        """This rank's micro-batches of the next step and the seconds the loop waited for them."""
+        if self.loader is None:
+            self.loader = BatchLoader(self.train_data, self.sampler, global_batch=self.global_batch,
+                                      rank=self.dp_rank, world_size=self.dp_size,
+                                      micro_batch_size=self.cfg.train.micro_batch_size,
+                                      device=self.device, prefetch=self.cfg.data.prefetch)
+        return self.loader.next()
+
+    def _close_loader(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over unmasked targets, their count) of one micro-batch."""
@@ -456,6 +469,7 @@ class Trainer:
                 if self.last_saved != self.step:
                     self.save()
                 self.checkpointer.close()
+                self._close_loader()
                 if self.world.is_main:
                     marker = {"step": self.step, "reason": StopFlag.reason(stop_code)}
                     (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
@@ -503,6 +517,7 @@ class Trainer:
                 self._log_benchmarks()
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
                 self.save()
+        self._close_loader()
         if cfg.train.eval_interval == 0 or self.step % cfg.train.eval_interval:
             self._log_eval()
         self.checkpointer.close()
@@ -532,9 +547,15 @@ class Trainer:
                                            self.device_name, "bf16"),
             "mem_gb": memory_gb(self.device), "step_time_s": window.time / window.steps,
             "data_wait_s": window.data_wait / window.steps, "bad_steps": self.bad_steps,
-            "energy_kwh": kwh,
+            "energy_kwh": kwh, "tokens_per_source": self._tokens_per_source(),
         }
         self.metrics.log(rec, steps_done_this_run=steps_this_run, step=self.step)
+
+    def _tokens_per_source(self) -> dict[str, int]:
+        """Training tokens each source has given so far (all ranks, this run and earlier ones)."""
+        seq_len = self.cfg.train.seq_len
+        return {name: n * seq_len
+                for name, n in self.data.samples_per_source(self.sampler.consumed).items()}
 
     def _log_eval(self) -> None:
         val = self.evaluate()
@@ -597,7 +618,7 @@ class Trainer:
                                            self.device_name, "bf16"),
             "device_hours": world.world_size * self.wall_s / 3600,
             "checkpoint_staging_wait_s": self.staging_wait_s,
-            "state_bytes_per_rank": self.state_bytes, **acct,
+            "state_bytes_per_rank": self.state_bytes, "sources": self._source_report(), **acct,
         }
         if world.is_main:
             records = read_metrics(self.run_dir / "metrics.jsonl")
@@ -615,6 +636,17 @@ class Trainer:
                      f"{self.wall_s:.1f} s; {format_accounting(acct)}; report "
                      f"{self.run_dir / 'report.md'}; loss curve {plot}")
         return report
+
+    def _source_report(self) -> list[dict[str, Any]]:
+        """Each source's weight, the share of training samples it gave, and its epochs."""
+        samples = self.data.samples_per_source(self.sampler.consumed)
+        total_weight = sum(s.weight for s in self.data.sources)
+        total, sizes = max(1, sum(samples.values())), self.data.source_sizes()
+        return [{"name": s.name, "source": s.source, "weight": s.weight,
+                 "weight_share": s.weight / total_weight, "share": samples[s.name] / total,
+                 "tokens": samples[s.name] * self.cfg.train.seq_len,
+                 "epochs": samples[s.name] / sizes[s.name]}
+                for s in self.data.sources]
 
 
 class _Window:
