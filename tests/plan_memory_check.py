@@ -8,7 +8,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from llamatrain import ops
 from llamatrain.config import Config, ModelConfig, ParallelConfig, TrainConfig
@@ -20,7 +19,7 @@ from llamatrain.parallel import (
     loss_context,
     materialize,
     parallelize,
-    vocab_parallel_cross_entropy,
+    sequence_loss,
 )
 from llamatrain.plan import _split, track_step
 from llamatrain.train import build_optimizer
@@ -42,12 +41,7 @@ peak = track_step(model, mesh, cfg)
 # A real step for the gradient and AdamW state bytes.
 tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len))
 with loss_context(mesh):
-    logits = model(tokens)
-    if isinstance(logits, DTensor):
-        loss = vocab_parallel_cross_entropy(logits, tokens, -100)
-    else:
-        loss = ops.cross_entropy(logits.flatten(0, 1), tokens.flatten())
-    loss.backward()
+    sequence_loss(model(tokens), tokens).backward()
 params = list(model.parameters())
 grads = local_bytes(p.grad for p in params)
 optimizer.step()

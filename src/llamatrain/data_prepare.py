@@ -40,6 +40,7 @@ from typing import BinaryIO
 import numpy as np
 import zstandard
 
+from llamatrain.runlock import pid_alive
 from llamatrain.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 STDLIB = "python-stdlib"
@@ -798,20 +799,12 @@ def remove_stale_builds(cache: Path) -> list[Path]:
             mtime = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
         except OSError:
             continue  # finished or removed meanwhile
-        if (parts[0] == host and not _running(int(parts[1]))) or now - mtime > STALE_BUILD_S:
+        if (parts[0] == host and not pid_alive(int(parts[1]))) or now - mtime > STALE_BUILD_S:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
 
 
 

@@ -39,6 +39,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import checkpoint
 
+from llamatrain import ops
 from llamatrain.config import ParallelConfig
 from llamatrain.model import RMSNorm, Transformer, init_rows
 
@@ -168,6 +169,15 @@ def loss_context(mesh: DeviceMesh | None):
     """Where the loss of vocabulary-sharded logits is computed and differentiated: torch's
     loss_parallel() under tensor parallelism (forward and backward must both run inside it)."""
     return loss_parallel() if tp_mesh(mesh) is not None else contextlib.nullcontext()
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+                  ) -> torch.Tensor:
+    """Mean cross-entropy of (batch, seq, vocab) logits over targets != ignore_index:
+    vocabulary-parallel when tensor parallelism leaves the logits sharded over the vocabulary."""
+    if isinstance(logits, DTensor):
+        return vocab_parallel_cross_entropy(logits, targets, ignore_index)
+    return ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index)
 
 
 def vocab_parallel_cross_entropy(

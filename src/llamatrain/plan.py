@@ -242,10 +242,8 @@ def track_step(model, mesh, cfg: Config) -> dict[str, int]:
     run, real ones in the check against reality."""
     import torch
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed.tensor import DTensor
 
-    from llamatrain import ops
-    from llamatrain.parallel import loss_context, vocab_parallel_cross_entropy
+    from llamatrain.parallel import loss_context, sequence_loss
 
     tokens = torch.randint(0, cfg.model.vocab_size,
                            (cfg.train.micro_batch_size, cfg.train.seq_len))
@@ -257,12 +255,7 @@ def track_step(model, mesh, cfg: Config) -> dict[str, int]:
     gc.disable()
     try:
         with tracker, loss_context(mesh):
-            logits = model(tokens)
-            if isinstance(logits, DTensor):
-                loss = vocab_parallel_cross_entropy(logits, tokens, -100)
-            else:
-                loss = ops.cross_entropy(logits.flatten(0, 1), tokens.flatten())
-            loss.backward()
+            sequence_loss(model(tokens), tokens).backward()
     finally:
         gc.enable()
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))

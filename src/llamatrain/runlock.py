@@ -40,7 +40,8 @@ def _holder_text(info: dict) -> str:
     return f"host {info.get('host', '?')} pid {info.get('pid', '?')}{job}, since {since}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -118,7 +119,7 @@ class RunLock:
             return  # released meanwhile: try again
         same_host = holder.get("host") == self.info["host"]
         job = self.info["slurm_job_id"]
-        if same_host and (flock_held or not _pid_alive(int(holder.get("pid", -1)))):
+        if same_host and (flock_held or not pid_alive(int(holder.get("pid", -1)))):
             why = "its process is gone"
         elif job and holder.get("slurm_job_id") == job:
             why = f"it was left by this SLURM job {job} before a requeue"

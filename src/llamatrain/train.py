@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
@@ -66,7 +65,7 @@ from llamatrain.parallel import (
     materialize,
     mesh_shape,
     parallelize,
-    vocab_parallel_cross_entropy,
+    sequence_loss,
 )
 from llamatrain.plan import batch_geometry
 from llamatrain.runlock import RunDirLocked, RunLock
@@ -393,11 +392,7 @@ class Trainer:
             # The output projection and the loss in one kernel: no full logits.
             loss = self.model(batch["input_ids"], labels, ignore_index=IGNORE_INDEX)
             return loss, (labels != IGNORE_INDEX).sum()
-        logits = self.model(batch["input_ids"])
-        if isinstance(logits, DTensor):  # tensor parallelism: logits sharded over the vocabulary
-            loss = vocab_parallel_cross_entropy(logits, labels, IGNORE_INDEX)
-        else:
-            loss = ops.cross_entropy(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)
+        loss = sequence_loss(self.model(batch["input_ids"]), labels, IGNORE_INDEX)
         return loss, (labels != IGNORE_INDEX).sum()
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
