@@ -154,3 +154,9 @@ def test_bad_mixtures_name_the_entry_and_the_key(override, message):
 def test_data_source_and_data_mix_together_are_refused():
     with pytest.raises(ValueError, match="data.source = '/b' and data.mix are both set"):
         load_config(None, ['--data.mix=[{source="/a"}]', "--data.source=/b"])
+
+
+def test_benchmarks_during_training_are_refused_under_tensor_parallelism():
+    with pytest.raises(ValueError, match=r"^eval.tasks = 'commonsense' with parallel.tp = 2: "
+                                         r"benchmarks during training need parallel.tp = 1"):
+        load_config("configs/tiny.toml", ["--eval.tasks=commonsense", "--parallel.tp=2"])

@@ -377,6 +377,11 @@ def validate(cfg: Config) -> Config:
     _positive("metrics.profile_steps", cfg.metrics.profile_steps, zero_ok=True)
     _positive("eval.interval", cfg.eval.interval, zero_ok=True)
     _positive("eval.limit", cfg.eval.limit, zero_ok=True)
+    if cfg.eval.tasks and p.tp > 1:
+        # The lm-eval model scores whole logits; under tensor parallelism they stay sharded.
+        raise ValueError(f"eval.tasks = {cfg.eval.tasks!r} with parallel.tp = {p.tp}: "
+                         "benchmarks during training need parallel.tp = 1; evaluate the "
+                         "checkpoints with python -m llamatrain.evaluate instead")
     _positive("carbon.power_w", cfg.carbon.power_w, zero_ok=True)
     _positive("carbon.pue", cfg.carbon.pue)
     _positive("carbon.intensity_kg_per_kwh", cfg.carbon.intensity_kg_per_kwh, zero_ok=True)
