@@ -1,7 +1,7 @@
 """DCP reading and writing that never executes code from disk and checksums every file.
 
-torch.distributed.checkpoint reads `.metadata` with pickle and non-tensor values with
-`torch.load(weights_only=False)`: a crafted file in a downloaded checkpoint would run code. Here
+torch.distributed.checkpoint reads `.metadata` with pickle and non-tensor values with torch.load
+outside its weights-only mode: a crafted file in a downloaded checkpoint would run code. Here
 `.metadata` goes through an unpickler that admits only DCP's own metadata classes, and non-tensor
 values load with `weights_only=True`. The writer hashes each file (SHA-256) as its threads stream
 it to disk, so checksums cost no second pass over the data.
