@@ -46,6 +46,7 @@ from llamatrain.config import CheckpointConfig
 from llamatrain.identity import differences
 
 TRAINER_STATE = "trainer.json"
+STEP_NAME = re.compile(r"step-\d+")
 # Files each rank writes in parallel: one writer thread leaves fast disks half idle while it
 # serialises (benchmarks/checkpoint.py: about 55% of raw write speed with 1, 80-95% with 4).
 WRITE_THREADS = 4
@@ -74,7 +75,7 @@ def is_complete(path: Path) -> bool:
 def step_dirs(ckpt_dir: Path) -> list[Path]:
     """Every `step-<N>` directory, complete or not, newest first."""
     return sorted((p for p in ckpt_dir.glob("step-*")
-                   if re.fullmatch(r"step-\d+", p.name) and p.is_dir()),
+                   if STEP_NAME.fullmatch(p.name) and p.is_dir()),
                   key=_step_of, reverse=True)
 
 
@@ -85,7 +86,7 @@ def candidates(ckpt_dir: Path, log=print) -> list[Path]:
     if latest_file.is_file():
         name = latest_file.read_bytes()[:100].decode(errors="replace").strip()
         named = ckpt_dir / name
-        if re.fullmatch(r"step-\d+", name) and named.is_dir():
+        if STEP_NAME.fullmatch(name) and named.is_dir():
             steps = [named] + [p for p in steps if p != named and _step_of(p) < _step_of(named)]
         else:
             log(f"{latest_file} holds {name!r}, not a checkpoint of this directory: ignored; "

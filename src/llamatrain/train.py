@@ -263,7 +263,7 @@ class Trainer:
                                      total_steps=cfg.train.steps, run_name=cfg.run.name,
                                      config=to_dict(cfg))
         self._setup_model()
-        identity = run_identity(cfg, data=self.data_identity, run_id=new_run_id())
+        identity = run_identity(cfg, data=self.data.identity, run_id=new_run_id())
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank=world.rank,
                                          world_size=world.world_size, identity=identity)
         self.energy = EnergyMeter(self.device)
@@ -291,9 +291,6 @@ class Trainer:
                                        vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
         self.train_data, self.val_data = self.data.train, self.data.val
         self.sampler = self.data.sampler
-        # What a resume compares: the training data and the tokenizer it was prepared with.
-        self.data_identity = self.data.identity
-        self.tokenizer_sha256 = self.data.tokenizer_sha256
         if cfg.train.epochs > 0:
             cfg.train.steps = math.ceil(cfg.train.epochs * len(self.train_data) / self.global_batch)
             if cfg.train.warmup_steps >= cfg.train.steps:
@@ -301,9 +298,10 @@ class Trainer:
                                  f"than the {cfg.train.steps} steps of train.epochs = "
                                  f"{cfg.train.epochs}")
             self.log(f"train.epochs = {cfg.train.epochs}: {cfg.train.steps} steps")
+        sizes = self.data.source_sizes()
         for source, path in zip(self.data.sources, self.data.paths, strict=True):
             self.log(f"data {source.name} (weight {source.weight:g}) {path}: "
-                     f"{self.data.source_sizes()[source.name]:,} training sequences")
+                     f"{sizes[source.name]:,} training sequences")
         self.log(f"data: {len(self.train_data):,} training and {len(self.val_data):,} "
                  f"validation sequences")
 
@@ -391,8 +389,8 @@ class Trainer:
         if self.cfg.kernels.fused_loss and self.tp == 1:
             # The output projection and the loss in one kernel: no full logits.
             loss = self.model(batch["input_ids"], labels, ignore_index=IGNORE_INDEX)
-            return loss, (labels != IGNORE_INDEX).sum()
-        loss = sequence_loss(self.model(batch["input_ids"]), labels, IGNORE_INDEX)
+        else:
+            loss = sequence_loss(self.model(batch["input_ids"]), labels, IGNORE_INDEX)
         return loss, (labels != IGNORE_INDEX).sum()
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
