@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Pretraining and SFT of Llama 2-family models on SLURM GPU clusters",
     python_requires=">=3.11",
-    packages=["llamatrain", "llamatrain.kernels"],
+    packages=["llamatrain", "llamatrain.checkpoint", "llamatrain.data", "llamatrain.distributed",
+              "llamatrain.kernels"],
     package_dir={"llamatrain": "src/llamatrain", "llamatrain.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",

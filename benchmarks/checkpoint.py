@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llamatrain.checkpoint import Checkpointer
+from llamatrain.checkpoint.dcp import Checkpointer
 from llamatrain.config import CheckpointConfig, ModelConfig, TrainConfig
 from llamatrain.model import Transformer
 from llamatrain.train import build_optimizer

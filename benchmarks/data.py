@@ -18,9 +18,12 @@ import time
 from pathlib import Path
 
 from llamatrain.config import DataConfig
-from llamatrain.data import GlobalSampler, load_dataset, prepare_dir
-from llamatrain.data_prepare import PrepareOptions, stdlib_files
-from llamatrain.tokenizer import Tokenizer, train_tokenizer
+from llamatrain.data.__main__ import prepare_dir
+from llamatrain.data.datasets import load_dataset
+from llamatrain.data.prepare import PrepareOptions
+from llamatrain.data.readers import stdlib_files
+from llamatrain.data.sampler import GlobalSampler
+from llamatrain.data.tokenizer import Tokenizer, train_tokenizer
 
 
 def stdlib_slice(max_bytes: int) -> tuple[list[Path], list[str]]:

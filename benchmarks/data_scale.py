@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from llamatrain.config import DataConfig, MixSource
-from llamatrain.data import open_training_data
-from llamatrain.tokenizer import train_tokenizer
+from llamatrain.data.datasets import open_training_data
+from llamatrain.data.tokenizer import train_tokenizer
 
 TOKENS, WEIGHTS = 2 * 10**12, (0.7, 0.2, 0.1)
 SHARD_TOKENS = 1 << 33

@@ -19,10 +19,10 @@ import torch
 
 from llamatrain import ops
 from llamatrain.config import load_config
+from llamatrain.distributed.parallelize import init_distributed
 from llamatrain.flops import mfu
 from llamatrain.metrics import read_metrics
 from llamatrain.model import Transformer
-from llamatrain.parallel import init_distributed
 from llamatrain.train import Trainer, batch_geometry, build_optimizer
 
 WARMUP = 3

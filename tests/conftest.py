@@ -46,7 +46,7 @@ def write_corpus(root: Path, *, num_docs: int = 120, seed: int = 0) -> Path:
 def prepared_data(tmp_path_factory) -> Path:
     """A prepared directory (tokenizer.model, shards, meta.json) that runs use as data.source."""
     from llamatrain.config import DataConfig
-    from llamatrain.data import prepare_source
+    from llamatrain.data.cache import prepare_source
 
     root = tmp_path_factory.mktemp("data")
     corpus = write_corpus(root / "corpus")

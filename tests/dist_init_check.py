@@ -9,14 +9,14 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from llamatrain.config import ModelConfig, ParallelConfig
-from llamatrain.model import Transformer
-from llamatrain.parallel import (
+from llamatrain.distributed.parallelize import (
     build_mesh,
     full_state_dict,
     init_distributed,
     materialize,
     parallelize,
 )
+from llamatrain.model import Transformer
 
 world = init_distributed()
 tp = int(sys.argv[2]) if len(sys.argv) > 2 else 1

@@ -10,8 +10,7 @@ from torch.distributed.tensor import DTensor
 
 from llamatrain import ops
 from llamatrain.config import ModelConfig, ParallelConfig
-from llamatrain.model import Transformer
-from llamatrain.parallel import (
+from llamatrain.distributed.parallelize import (
     build_mesh,
     init_distributed,
     loss_context,
@@ -19,6 +18,7 @@ from llamatrain.parallel import (
     parallelize,
     vocab_parallel_cross_entropy,
 )
+from llamatrain.model import Transformer
 
 world = init_distributed()
 cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,

@@ -11,8 +11,7 @@ import torch.distributed as dist
 
 from llamatrain import ops
 from llamatrain.config import Config, ModelConfig, ParallelConfig, TrainConfig
-from llamatrain.model import Transformer
-from llamatrain.parallel import (
+from llamatrain.distributed.parallelize import (
     build_mesh,
     init_distributed,
     local_bytes,
@@ -21,6 +20,7 @@ from llamatrain.parallel import (
     parallelize,
     sequence_loss,
 )
+from llamatrain.model import Transformer
 from llamatrain.plan import _split, track_step
 from llamatrain.train import build_optimizer
 

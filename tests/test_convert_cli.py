@@ -10,8 +10,8 @@ import transformers
 from conftest import REPO, run_train, tiny_args
 
 from llamatrain.convert import checkpoint_to_state_dict
+from llamatrain.data.tokenizer import load_tokenizer
 from llamatrain.model import Transformer
-from llamatrain.tokenizer import load_tokenizer
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import zstandard
 
-from llamatrain import data, data_prepare
 from llamatrain.config import DataConfig
-from llamatrain.data import load_dataset, main, prepare_dir, prepare_source
-from llamatrain.data_prepare import PrepareOptions, is_val
-from llamatrain.tokenizer import Tokenizer
+from llamatrain.data import cache, datasets, prepare, readers
+from llamatrain.data.__main__ import main, prepare_dir
+from llamatrain.data.cache import prepare_source
+from llamatrain.data.datasets import load_dataset
+from llamatrain.data.prepare import PrepareOptions, is_val
+from llamatrain.data.tokenizer import Tokenizer
 
 WORDS = ["def", "return", "class", "import", "self", "value", "index", "total", "print"]
 HARD = ["\ttab\r\nCRLF\r\n", "   runs   of spaces ", " lead", "中文 😀 ﬁ ＡＢ", "\n\nx\n"]
@@ -140,7 +142,7 @@ def test_output_is_identical_for_one_and_two_workers(tmp_path, monkeypatch, prep
     corpus = tmp_path / "corpus"
     make_corpus(corpus)
     # Tiny tasks: .jsonl files are cut into many pieces and spread over both workers.
-    monkeypatch.setattr(data_prepare, "TASK_BYTES", 200)
+    monkeypatch.setattr(readers, "TASK_BYTES", 200)
     model = str(first / "tokenizer.model")
     for n in (1, 2):
         prepare_dir([str(corpus)], tmp_path / f"w{n}", opts(workers=n), tokenizer=model)
@@ -159,7 +161,7 @@ def test_a_bad_jsonl_line_skips_its_whole_file_and_nothing_else(tmp_path, monkey
     (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines[:30]) + "\n{broken\n" + lines[30])
     (tmp_path / "in" / "b.jsonl").write_text("\n".join(lines[30:]) + "\n")
     # Small pieces, so part of a.jsonl is already written when its line 31 turns out bad.
-    monkeypatch.setattr(data_prepare, "TASK_BYTES", 300)
+    monkeypatch.setattr(readers, "TASK_BYTES", 300)
     out = tmp_path / "out"
     meta = prepare_dir(
         [str(tmp_path / "in")], out, opts(), tokenizer=str(first / "tokenizer.model")
@@ -241,7 +243,7 @@ def test_a_failed_prepare_leaves_no_output_directory(tmp_path, monkeypatch, prep
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(data_prepare, "tokenize_files", crash)
+    monkeypatch.setattr(prepare, "tokenize_files", crash)
     with pytest.raises(RuntimeError):
         prepare_dir(
             [str(corpus)], tmp_path / "out", opts(), tokenizer=str(first / "tokenizer.model")
@@ -263,7 +265,7 @@ def test_prepare_source_builds_once_then_reuses_the_cache(tmp_path, monkeypatch,
     def must_not_build(*args, **kwargs):
         raise AssertionError("rebuilt a cached source")
 
-    monkeypatch.setattr(data, "build", must_not_build)
+    monkeypatch.setattr(cache, "build", must_not_build)
     assert prepare_source(cfg, vocab_size=512) == path
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]
     # A prepared directory as the source is used as it is.
@@ -273,7 +275,7 @@ def test_prepare_source_builds_once_then_reuses_the_cache(tmp_path, monkeypatch,
 def test_prepare_source_race_loser_keeps_the_winners_copy(tmp_path, monkeypatch, prepared):
     corpus, first, _ = prepared
     cfg = source_config(corpus, tmp_path / "cache", tokenizer=str(first / "tokenizer.model"))
-    real_build = data.build
+    real_build = cache.build
     final = {}
 
     def build_then_lose(inputs, out_dir, *args, **kwargs):
@@ -285,7 +287,7 @@ def test_prepare_source_race_loser_keeps_the_winners_copy(tmp_path, monkeypatch,
         final["path"] = winner
         return meta
 
-    monkeypatch.setattr(data, "build", build_then_lose)
+    monkeypatch.setattr(cache, "build", build_then_lose)
     path = prepare_source(cfg, vocab_size=512)
     assert path == final["path"] and (path / "winner").exists()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]
@@ -306,7 +308,7 @@ def test_prepare_source_rejects_mismatches_with_a_value_error(tmp_path, prepared
 
 
 def test_the_default_source_is_the_stdlib_python_files():
-    files = data_prepare.stdlib_files()
+    files = readers.stdlib_files()
     root = Path(sysconfig.get_paths()["stdlib"])
     assert len(files) > 1000
     assert all(f.suffix == ".py" and root in f.parents for f in files)
@@ -332,9 +334,9 @@ def test_cli_prepares_a_stdlib_slice_with_a_progress_bar(tmp_path):
 
 
 def test_token_ids_are_uint16_while_the_vocabulary_fits_else_uint32():
-    assert data_prepare.token_dtype(32_000) == np.uint16
-    assert data_prepare.token_dtype(65_536) == np.uint16
-    assert data_prepare.token_dtype(65_537) == np.uint32
+    assert prepare.token_dtype(32_000) == np.uint16
+    assert prepare.token_dtype(65_536) == np.uint16
+    assert prepare.token_dtype(65_537) == np.uint32
 
 
 def test_truncated_compressed_files_are_skipped_not_read_short(tmp_path, prepared):
@@ -389,7 +391,7 @@ def test_the_tokenizer_is_checked_against_the_shards_and_the_model(tmp_path, pre
         load_dataset(first, DataConfig(), seq_len=16, vocab_size=300)
     out = copy_prepared(first, tmp_path / "p")
     (out / "tokenizer.model").write_bytes(
-        data_prepare.train_tokenizer(make_doc(random.Random(5), 300).split("\n"), vocab_size=300)
+        prepare.train_tokenizer(make_doc(random.Random(5), 300).split("\n"), vocab_size=300)
         .model_proto
     )
     with pytest.raises(ValueError, match=r"tokenizer.model \(300 pieces.* is not the tokenizer"):
@@ -405,13 +407,13 @@ def test_unreadable_paths_are_skipped_and_named_not_fatal(tmp_path, monkeypatch,
     (corpus / "loop.txt").symlink_to(corpus / "loop.txt")
     (corpus / "vanishes.txt").write_text("print total")
     (corpus / "z.txt").write_text("import self")
-    real = data_prepare.get_tokenizer
+    real = prepare.get_tokenizer
 
     def list_then_delete(*args, **kwargs):  # between listing the files and reading them
         (corpus / "vanishes.txt").unlink()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data_prepare, "get_tokenizer", list_then_delete)
+    monkeypatch.setattr(prepare, "get_tokenizer", list_then_delete)
     model = str(first / "tokenizer.model")
     meta = prepare_dir([str(corpus)], tmp_path / "out", opts(), tokenizer=model)
 
@@ -430,12 +432,12 @@ def test_a_long_single_line_file_is_read_in_blocks_not_whole(tmp_path):
     line = ("wörd " * 200_000 + "😀") * 24  # 24 MB without a newline
     path.write_text(line)
     tracemalloc.start()
-    sizes = [len(item.data) for item in data_prepare.read_items(path, 0)]
+    sizes = [len(item.data) for item in readers.read_items(path, 0)]
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     # A piece is a block plus at most the 3 bytes of a character cut at the previous block.
-    assert sum(sizes) == len(line.encode()) and max(sizes) <= data_prepare.TASK_BYTES + 3
-    assert peak < 16 * data_prepare.TASK_BYTES  # 4 MB; over 28 MB when read whole
+    assert sum(sizes) == len(line.encode()) and max(sizes) <= readers.TASK_BYTES + 3
+    assert peak < 16 * readers.TASK_BYTES  # 4 MB; over 28 MB when read whole
 
 
 def test_long_documents_are_tokenised_in_pieces_exactly_and_split_as_a_whole(
@@ -451,7 +453,7 @@ def test_long_documents_are_tokenised_in_pieces_exactly_and_split_as_a_whole(
         (corpus / f"{k}.txt").write_text(d, newline="")
     (corpus / "bad.txt").write_bytes(b"ok\n" * 500 + b"caf\xe9\n")  # bad UTF-8 far in
     (corpus / "blank.txt").write_text(" \n" * 500)
-    monkeypatch.setattr(data_prepare, "TASK_BYTES", 300)
+    monkeypatch.setattr(readers, "TASK_BYTES", 300)
     tok = Tokenizer((first / "tokenizer.model").read_bytes())
     out = tmp_path / "out"
     meta = prepare_dir(
@@ -464,7 +466,7 @@ def test_long_documents_are_tokenised_in_pieces_exactly_and_split_as_a_whole(
     assert not any(is_val(d.encode(), 0.5) for d in train)
     reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
     assert reasons == {"bad.txt": "not valid UTF-8 (byte 1503: invalid continuation byte)",
-                       "blank.txt": data_prepare.EMPTY}
+                       "blank.txt": prepare.EMPTY}
     # Cut after newlines, a document tokenises exactly as it does whole.
     stream = np.concatenate([read_split(out, "train"), read_split(out, "val")]).tolist()
     for d in docs[:6]:
@@ -492,7 +494,7 @@ def test_prepare_source_removes_temp_directories_of_dead_builds_only(tmp_path, p
     for name in dirs.values():
         (cache / name).mkdir()
         (cache / name / "train_000000.bin").write_bytes(b"\0" * 10)
-    old = time.time() - data_prepare.STALE_BUILD_S - 60
+    old = time.time() - prepare.STALE_BUILD_S - 60
     for p in (cache / dirs["old elsewhere"], cache / dirs["old elsewhere"] / "train_000000.bin"):
         os.utime(p, (old, old))
 
@@ -520,13 +522,13 @@ def test_mixture_sources_share_one_tokenizer_trained_on_all_of_them(tmp_path):
         for k in range(n):
             (tmp_path / name / f"{k}.txt").write_text(make_doc(rng, 20) + HARD[k % len(HARD)])
     cfg = mix_config(tmp_path / "cache", (str(tmp_path / "web"), 0.7), (str(tmp_path / "code"), 3))
-    paths = data.prepare_sources(cfg, vocab_size=400)
+    paths = cache.prepare_sources(cfg, vocab_size=400)
     metas = [json.loads((p / "meta.json").read_text()) for p in paths]
     assert metas[0]["tokenizer_sha256"] == metas[1]["tokenizer_sha256"]
     assert [m["num_files"] for m in metas] == [30, 10]
     assert len(list((tmp_path / "cache").glob("tokenizer-*.model"))) == 1
 
-    td = data.open_training_data(paths, cfg, seq_len=16, vocab_size=400, seed=0)
+    td = datasets.open_training_data(paths, cfg, seq_len=16, vocab_size=400, seed=0)
     assert [s.name for s in td.sources] == ["web", "code"]
     assert td.tokenizer_sha256 == metas[0]["tokenizer_sha256"]
     assert [s["weight"] for s in td.identity["sources"].values()] == [0.7, 3.0]
@@ -547,14 +549,14 @@ def test_mixture_sources_share_one_tokenizer_trained_on_all_of_them(tmp_path):
 def test_bad_mixtures_are_one_line_naming_the_source(tmp_path, prepared):
     corpus, first, _ = prepared
     with pytest.raises(ValueError, match=r"data.mix\[1\].source='/nonexistent' does not exist"):
-        data.prepare_sources(mix_config(tmp_path, (str(corpus), 1), ("/nonexistent", 1)),
+        cache.prepare_sources(mix_config(tmp_path, (str(corpus), 1), ("/nonexistent", 1)),
                              vocab_size=512)
     other = tmp_path / "other"
     (tmp_path / "o.txt").write_text(make_doc(random.Random(8), 200))
     prepare_dir([str(tmp_path / "o.txt")], other, opts(), vocab_size=300)
     with pytest.raises(ValueError, match=r"data.mix\[1\].source=.* was prepared with another "
                                          r"tokenizer"):
-        data.prepare_sources(mix_config(tmp_path, (str(first), 1), (str(other), 1)),
+        cache.prepare_sources(mix_config(tmp_path, (str(first), 1), (str(other), 1)),
                              vocab_size=512)
 
 
@@ -577,8 +579,8 @@ def test_parquet_documents_round_trip_exactly_reading_only_the_text_column(
     texts[9] = ""  # an empty document: counted, not stored
     write_parquet(tmp_path / "web.parquet",
                   {"id": list(range(40)), "body": texts, "url": ["u"] * 40})
-    monkeypatch.setattr(data_prepare, "PARQUET_ROWS", 5)
-    items = list(data_prepare.read_items(tmp_path / "web.parquet", 0, fields=("body",)))
+    monkeypatch.setattr(readers, "PARQUET_ROWS", 5)
+    items = list(readers.read_items(tmp_path / "web.parquet", 0, fields=("body",)))
     assert all(set(item.rows) == {"body"} for item in items)
     assert [len(item.rows["body"]) for item in items] == [5] * 8 + [0]  # streamed, not whole
 
@@ -598,7 +600,7 @@ def test_sft_reads_prompt_and_response_columns_of_parquet(tmp_path, prepared):
                 tokenizer=str(first / "tokenizer.model"))
     ds = load_dataset(out, DataConfig(format="sft"), seq_len=32)
     batch = ds.get_batch([0])
-    answer = batch["labels"][0][batch["labels"][0] != data.IGNORE_INDEX].tolist()
+    answer = batch["labels"][0][batch["labels"][0] != datasets.IGNORE_INDEX].tolist()
     tok = ds.tokenizer
     assert answer == [*tok.encode("4"), tok.eos_id, *tok.encode("llama"), tok.eos_id]
 

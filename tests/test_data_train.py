@@ -15,10 +15,10 @@ import torch
 from conftest import REPO, losses, run_train, tiny_args, write_corpus
 
 from llamatrain.config import load_config
-from llamatrain.data import prepare_sources
-from llamatrain.loader import BatchLoader
+from llamatrain.data.cache import prepare_sources
+from llamatrain.data.loader import BatchLoader
+from llamatrain.data.sampler import GlobalSampler
 from llamatrain.metrics import read_metrics
-from llamatrain.sampler import GlobalSampler
 from llamatrain.train import REQUEUE_EXIT_CODE
 
 

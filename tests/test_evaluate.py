@@ -16,9 +16,10 @@ import torch
 from conftest import REPO
 
 from llamatrain import convert
-from llamatrain.checkpoint import save_model_weights
+from llamatrain.checkpoint.dcp import save_model_weights
 from llamatrain.config import Config, DataConfig, ModelConfig, TrainConfig, to_toml
-from llamatrain.data import load_dataset
+from llamatrain.data.datasets import load_dataset
+from llamatrain.data.tokenizer import load_tokenizer
 from llamatrain.evaluate import (
     TABLE3,
     LlamaLM,
@@ -32,7 +33,6 @@ from llamatrain.evaluate import (
 )
 from llamatrain.inference import Sampling, generate
 from llamatrain.model import Transformer
-from llamatrain.tokenizer import load_tokenizer
 
 TASKS = str(REPO / "tests/eval_tasks")
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, multiple_of=32,

@@ -8,13 +8,13 @@ import pytest
 import transformers
 from conftest import WORDS
 
-from llamatrain.hf_tokenizer import (
+from llamatrain.data.hf_tokenizer import (
     HARD_STRINGS,
     build_hf_tokenizer,
     check_hf_tokenizer,
     save_hf_tokenizer,
 )
-from llamatrain.tokenizer import load_tokenizer, train_tokenizer
+from llamatrain.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 def _texts(seed: int = 0) -> list[str]:

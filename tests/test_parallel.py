@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from llamatrain.config import ParallelConfig
-from llamatrain.parallel import mesh_shape
+from llamatrain.distributed.parallelize import mesh_shape
 
 
 @pytest.mark.parametrize(("nproc", "replicate", "tp"),
@@ -33,7 +33,8 @@ def test_mesh_shape_fills_in_the_automatic_axis_and_rejects_mismatches():
 def test_a_single_process_group_carries_a_device_mesh_without_torchrun():
     # What one GPU without torchrun does (with NCCL); here with gloo, in a fresh interpreter.
     code = ("import torch.distributed as dist\n"
-            "from llamatrain.parallel import init_single_process_group, build_mesh, World\n"
+            "from llamatrain.distributed.parallelize import (\n"
+            "    init_single_process_group, build_mesh, World)\n"
             "from llamatrain.config import ParallelConfig\n"
             "import torch\n"
             "init_single_process_group('gloo')\n"

@@ -20,10 +20,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from conftest import REPO, losses, run_train, tiny_args, write_corpus
 
-from llamatrain import safe_dcp
+from llamatrain.checkpoint import safe_dcp
+from llamatrain.checkpoint.runlock import LOCK_FILE, STALE_S, RunDirLocked, RunLock
 from llamatrain.config import Config, DataConfig, load_config, to_toml
-from llamatrain.data import prepare_source
-from llamatrain.runlock import LOCK_FILE, STALE_S, RunDirLocked, RunLock
+from llamatrain.data.cache import prepare_source
 from llamatrain.train import REQUEUE_MARKER, exit_code_for
 
 

@@ -7,8 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from llamatrain.data import GlobalSampler, MixtureSampler
-from llamatrain.sampler import MIX_SLOTS
+from llamatrain.data.sampler import MIX_SLOTS, GlobalSampler, MixtureSampler
 
 
 def global_order(num_samples: int, seed: int, count: int) -> list[int]:

@@ -10,10 +10,11 @@ import sentencepiece as spm
 import torch
 
 from llamatrain.config import DataConfig
-from llamatrain.data import IGNORE_INDEX, load_dataset, prepare_dir
-from llamatrain.data_prepare import PrepareOptions
+from llamatrain.data.__main__ import prepare_dir
+from llamatrain.data.datasets import IGNORE_INDEX, load_dataset
+from llamatrain.data.prepare import PrepareOptions
+from llamatrain.data.tokenizer import TRAINER_SETTINGS
 from llamatrain.ops import cross_entropy
-from llamatrain.tokenizer import TRAINER_SETTINGS
 
 WORDS = ["what", "is", "the", "value", "of", "answer", "sum", "total", "print", "list", "sort"]
 SFT = DataConfig(format="sft")

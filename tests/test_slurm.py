@@ -23,7 +23,7 @@ from slurm_cluster import (
 )
 from test_data import read_split
 
-from llamatrain.data import main as data_main
+from llamatrain.data.__main__ import main as data_main
 
 SBATCH = str(LAUNCH / "pretrain.sbatch")
 CONFIG = str(REPO / "configs" / "tiny.toml")

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from llamatrain.tokenizer import (
+from llamatrain.data.tokenizer import (
     BOS_ID,
     EOS_ID,
     SEP_PIECE,

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from llamatrain.config import ModelConfig
-from llamatrain.hf_tokenizer import save_hf_tokenizer
-from llamatrain.tokenizer import Tokenizer, load_tokenizer
+from llamatrain.data.hf_tokenizer import save_hf_tokenizer
+from llamatrain.data.tokenizer import Tokenizer, load_tokenizer
 
 StateDict = dict[str, torch.Tensor]
 
@@ -341,7 +341,7 @@ def _model_toml(cfg: ModelConfig) -> str:
 
 def checkpoint_to_state_dict(step_dir: str | Path) -> tuple[StateDict, ModelConfig]:
     """Full weights of a training checkpoint, read in one process, with the run's model config."""
-    from llamatrain.checkpoint import read_model_weights
+    from llamatrain.checkpoint.dcp import read_model_weights
     from llamatrain.config import load_config
     from llamatrain.model import Transformer
 
@@ -361,7 +361,7 @@ def checkpoint_to_state_dict(step_dir: str | Path) -> tuple[StateDict, ModelConf
 
 def _write_init_checkpoint(state_dict: StateDict, cfg: ModelConfig, out: Path,
                            source: Path) -> None:
-    from llamatrain.checkpoint import save_model_weights
+    from llamatrain.checkpoint.dcp import save_model_weights
 
     save_model_weights({k: v.float() for k, v in state_dict.items()}, out)
     (out / "model.toml").write_text(_model_toml(cfg))

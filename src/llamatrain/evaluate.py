@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 
 from llamatrain.config import EvalConfig, ModelConfig
+from llamatrain.data.tokenizer import Tokenizer, load_tokenizer
 from llamatrain.inference import KVCache, Sampling, cached_forward, generate
 from llamatrain.model import Transformer
-from llamatrain.tokenizer import Tokenizer, load_tokenizer
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -524,10 +524,10 @@ def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtyp
     tokenizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from llamatrain.checkpoint import load_model_weights
+    from llamatrain.checkpoint.dcp import load_model_weights
     from llamatrain.config import ParallelConfig
     from llamatrain.convert import load_hf, load_meta
-    from llamatrain.parallel import World, build_mesh, parallelize
+    from llamatrain.distributed.parallelize import World, build_mesh, parallelize
 
     path = Path(path)
     kind = checkpoint_kind(path)
@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("CHECKPOINT: give at least one (or --download)")
     checkpoints = expand_checkpoints(args.checkpoints)
     offline_first()
-    from llamatrain.parallel import init_distributed
+    from llamatrain.distributed.parallelize import init_distributed
 
     world = init_distributed()
     device = _device()

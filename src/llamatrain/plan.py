@@ -147,7 +147,7 @@ def with_layout(cfg: Config, layout: Layout) -> Config:
 def check_layout(cfg: Config, num_gpus: int, gpus_per_node: int) -> tuple[Layout, int]:
     """The layout of `cfg` on num_gpus, and its micro-batches per step, or the ValueError the
     trainer would raise for it: the same checks, by the same functions."""
-    from llamatrain.parallel import mesh_shape
+    from llamatrain.distributed.parallelize import mesh_shape
 
     if num_gpus < 1 or gpus_per_node < 1:
         raise ValueError(f"gpus = {num_gpus}, gpus_per_node = {gpus_per_node}: expected >= 1")
@@ -218,8 +218,8 @@ def _build(cfg: Config, n_layers: int, num_gpus: int, gpus_per_node: int):
     """A meta-device model of n_layers blocks, parallelized as the trainer would (in fake_world)."""
     import torch
 
+    from llamatrain.distributed.parallelize import World, build_mesh, parallelize
     from llamatrain.model import Transformer
-    from llamatrain.parallel import World, build_mesh, parallelize
 
     world = World(0, num_gpus, 0, min(gpus_per_node, num_gpus), torch.device("cpu"))
     mesh = build_mesh(cfg.parallel, world)
@@ -231,7 +231,7 @@ def _build(cfg: Config, n_layers: int, num_gpus: int, gpus_per_node: int):
 
 def shard_bytes(model) -> int:
     """fp32 bytes of the parameter shards this rank holds (from the DTensors' local shards)."""
-    from llamatrain.parallel import local_bytes
+    from llamatrain.distributed.parallelize import local_bytes
 
     return local_bytes(model.parameters())
 
@@ -243,7 +243,7 @@ def track_step(model, mesh, cfg: Config) -> dict[str, int]:
     import torch
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from llamatrain.parallel import loss_context, sequence_loss
+    from llamatrain.distributed.parallelize import loss_context, sequence_loss
 
     tokens = torch.randint(0, cfg.model.vocab_size,
                            (cfg.train.micro_batch_size, cfg.train.seq_len))

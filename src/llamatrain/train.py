@@ -33,7 +33,9 @@ import torch.distributed as dist
 
 from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
-from llamatrain.checkpoint import Checkpointer, load_model_weights, write_atomic
+from llamatrain.checkpoint.dcp import Checkpointer, load_model_weights, write_atomic
+from llamatrain.checkpoint.identity import new_run_id, run_identity
+from llamatrain.checkpoint.runlock import RunDirLocked, RunLock
 from llamatrain.config import (
     Config,
     TrainConfig,
@@ -44,19 +46,10 @@ from llamatrain.config import (
     to_toml,
     usage,
 )
-from llamatrain.data import open_training_data, prepare_sources
-from llamatrain.flops import mfu as model_flops_utilisation
-from llamatrain.identity import new_run_id, run_identity
-from llamatrain.loader import BatchLoader
-from llamatrain.metrics import (
-    MetricsLogger,
-    memory_gb,
-    plot_loss,
-    read_metrics,
-    require_optional,
-)
-from llamatrain.model import Transformer, num_params
-from llamatrain.parallel import (
+from llamatrain.data.cache import prepare_sources
+from llamatrain.data.datasets import open_training_data
+from llamatrain.data.loader import BatchLoader
+from llamatrain.distributed.parallelize import (
     World,
     build_mesh,
     init_distributed,
@@ -67,8 +60,16 @@ from llamatrain.parallel import (
     parallelize,
     sequence_loss,
 )
+from llamatrain.flops import mfu as model_flops_utilisation
+from llamatrain.metrics import (
+    MetricsLogger,
+    memory_gb,
+    plot_loss,
+    read_metrics,
+    require_optional,
+)
+from llamatrain.model import Transformer, num_params
 from llamatrain.plan import batch_geometry
-from llamatrain.runlock import RunDirLocked, RunLock
 
 REQUEUE_EXIT_CODE = 75
 REQUEUE_MARKER = "requeue"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llamatrain.tokenizer import Tokenizer
+from llamatrain.data.tokenizer import Tokenizer
 
 # Strings that have broken SentencePiece <-> tokenizers conversions before: leading, trailing and
 # repeated whitespace, tabs and CRLF, digits, characters outside the vocabulary (byte fallback),

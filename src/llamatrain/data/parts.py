@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llamatrain.data_prepare import (
+from llamatrain.data.prepare import (
     SPLITS,
     TMP_TAG,
     PrepareOptions,
     Totals,
-    collect_files,
     dataset_meta,
     file_size,
     get_tokenizer,
@@ -29,7 +28,8 @@ from llamatrain.data_prepare import (
     remove_stale_builds,
     tokenize_files,
 )
-from llamatrain.tokenizer import Tokenizer, load_tokenizer
+from llamatrain.data.readers import collect_files
+from llamatrain.data.tokenizer import Tokenizer, load_tokenizer
 
 
 def part_name(part: int, num_parts: int) -> str:

@@ -2,13 +2,13 @@
 
 Layout under `<run.dir>/checkpoints/`: `step-<N>/` holds the DCP files of the model and optimizer,
 `rng-<rank>.pt` (tensors only) and `trainer.json`: step, tokens seen, sampler position, the run's
-identity (llamatrain.identity) and the SHA-256 of every other file. `latest` names the newest
+identity (checkpoint.identity) and the SHA-256 of every other file. `latest` names the newest
 complete step. A save is written into `.tmp-step-<N>/`, trainer.json last, published by one rename,
 and only then does `latest` move (itself replaced atomically), so a crash at any moment leaves the
 previous checkpoint loadable. DCP reshards on load: a checkpoint written by W ranks loads on any
 other number.
 
-A checkpoint directory is untrusted input: nothing in it is unpickled (llamatrain.safe_dcp), its
+A checkpoint directory is untrusted input: nothing in it is unpickled (checkpoint.safe_dcp), its
 checksums are verified before it is loaded, a checkpoint of another run is refused, and only
 checkpoints of this run are ever deleted.
 """
@@ -41,9 +41,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from llamatrain import safe_dcp
+from llamatrain.checkpoint import safe_dcp
+from llamatrain.checkpoint.identity import differences
 from llamatrain.config import CheckpointConfig
-from llamatrain.identity import differences
 
 TRAINER_STATE = "trainer.json"
 STEP_NAME = re.compile(r"step-\d+")
