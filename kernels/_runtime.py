@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import triton
 
+from llamatrain.hardware import BY_ARCH, GPU
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -32,30 +34,16 @@ class Target:
     l2_cache: int = 0
 
 
-@dataclass(frozen=True)
-class Chip:
-    """The per-SM limits of one GPU generation (CUDA programming guide, compute capabilities
-    table) that decide whether a kernel launches and how many of its blocks share an SM."""
-
-    name: str
-    num_sms: int
-    shared_memory_per_block: int  # opt-in maximum of one block
-    shared_memory_per_sm: int
-    max_threads_per_sm: int
-    max_blocks_per_sm: int
-    l2_cache: int
-    registers_per_sm: int = 65536
-
-    def target(self, arch: int) -> Target:
-        return Target(arch, self.num_sms, self.shared_memory_per_block, self.l2_cache)
+# The GPU each CUDA arch is built and checked for (A100, H100, consumer Blackwell: RTX 5090), with
+# its SM limits, from llamatrain.hardware.
+CHIPS: dict[int, GPU] = BY_ARCH
 
 
-# The GPUs the kernels are built and checked for: A100, H100, and consumer Blackwell (RTX 5090).
-CHIPS = {
-    80: Chip("A100", 108, 163 * 1024, 164 * 1024, 2048, 32, 40 * 2**20),
-    90: Chip("H100", 132, 227 * 1024, 228 * 1024, 2048, 32, 50 * 2**20),
-    120: Chip("RTX 5090", 170, 99 * 1024, 100 * 1024, 1536, 32, 96 * 2**20),
-}
+def chip_target(arch: int) -> Target:
+    """The target a launch for CUDA arch `arch` is configured for, on its GPU of CHIPS."""
+    chip = CHIPS[arch]
+    return Target(arch, chip.num_sms, chip.sm.shared_memory_per_block, chip.l2_cache)
+
 
 # Programs the interpreter runs for the reductions sized by SM count: a few, so tests exercise the
 # cross-program reduction without paying for many slow interpreted programs.

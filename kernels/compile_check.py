@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llamatrain.hardware import GPU
 from llamatrain.kernels import AOT_ENV
-from llamatrain.kernels._runtime import CHIPS, Chip
+from llamatrain.kernels._runtime import CHIPS, chip_target
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class Result:
 
     @property
     def shared_limit(self) -> int:
-        return CHIPS[self.arch].shared_memory_per_block
+        return CHIPS[self.arch].sm.shared_memory_per_block
 
     @property
     def problems(self) -> list[str]:
@@ -133,16 +134,16 @@ def table_line(r: Result) -> str:
     return f"{_row(cells)} {verdict}  {r.config}"
 
 
-def occupancy(chip: Chip, registers: int, shared: int, num_warps: int) -> float:
+def occupancy(chip: GPU, registers: int, shared: int, num_warps: int) -> float:
     """Resident warps over the SM's maximum, from the limits that bound resident blocks:
     registers (allocated per warp in units of 256), shared memory (1 KB of it reserved per block
     by the CUDA runtime), threads and blocks per SM."""
     regs_per_warp = math.ceil(registers * 32 / 256) * 256
-    by_registers = chip.registers_per_sm // regs_per_warp // num_warps
-    by_shared = chip.shared_memory_per_sm // (shared + 1024)
-    by_threads = chip.max_threads_per_sm // (32 * num_warps)
-    blocks = min(by_registers, by_shared, by_threads, chip.max_blocks_per_sm)
-    return blocks * num_warps / (chip.max_threads_per_sm // 32)
+    by_registers = chip.sm.registers_per_sm // regs_per_warp // num_warps
+    by_shared = chip.sm.shared_memory_per_sm // (shared + 1024)
+    by_threads = chip.sm.max_threads_per_sm // (32 * num_warps)
+    blocks = min(by_registers, by_shared, by_threads, chip.sm.max_blocks_per_sm)
+    return blocks * num_warps / (chip.sm.max_threads_per_sm // 32)
 
 
 def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -159,7 +160,7 @@ def record_model_launches(shape: ModelShape, arch: int) -> list:
     )  # fmt: skip
     rows = shape.batch * shape.seq_len
     b, s, hd = shape.batch, shape.seq_len, shape.head_dim
-    with _runtime.record_launches(CHIPS[arch].target(arch)) as launches:
+    with _runtime.record_launches(chip_target(arch)) as launches:
         x = _meta(b, s, shape.dim)
         w = _meta(shape.dim)
         rstd = _meta(rows, dtype=torch.float32)
@@ -343,7 +344,7 @@ def balance_lines(results: list[Result], shape: ModelShape = SHAPES[1]) -> list[
             if launch.kernel.__name__ == r.kernel and launch.args["ATOMIC_DQ"]
         )  # fmt: skip
         n_heads, n_blocks = launch.grid
-        per_sm = round(r.occupancy * chip.max_threads_per_sm / 32 / r.num_warps)
+        per_sm = round(r.occupancy * chip.sm.max_threads_per_sm / 32 / r.num_warps)
         slots = chip.num_sms * per_sm
         ours = causal_busy(n_blocks, n_heads, slots, heads_first=True)
         by_head = causal_busy(n_blocks, n_heads, slots, heads_first=False)

@@ -155,7 +155,7 @@ def test_recorded_launches_carry_the_configs_the_launch_code_uses_on_that_gpu():
     for launch in launches:
         by_kernel.setdefault(launch.kernel.__name__, []).append(launch)
     assert set(by_kernel) == KERNELS
-    tiles = attention_module.launch_config(128, runtime.CHIPS[90].target(90), torch.bfloat16)
+    tiles = attention_module.launch_config(128, runtime.chip_target(90), torch.bfloat16)
     (fwd,) = by_kernel["_attn_fwd_kernel"]
     assert (fwd.args["BLOCK_M"], fwd.args["BLOCK_N"], fwd.args["HEAD_DIM"]) == (
         tiles.fwd.block_m, tiles.fwd.block_n, 128

@@ -59,21 +59,6 @@ def test_paper_runs_imply_about_45_percent_mfu_on_a100():
     assert 0.455 < mfu_70b < 0.465
 
 
-def test_peak_flops_table():
-    assert flops.peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
-    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert flops.peak_flops("NVIDIA H200", "torch.bfloat16") == 989e12
-    assert flops.peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
-    assert flops.peak_flops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5e12
-    assert flops.peak_flops("cpu", "bf16") is None
-    assert flops.peak_flops("NVIDIA GeForce RTX 4090", "bf16") is None
-
-
-def test_unknown_dtype_names_the_value():
-    with pytest.raises(ValueError, match="dtype = 'int8'"):
-        flops.peak_flops("a100", "int8")
-
-
 def test_mfu_is_none_without_a_known_peak():
     assert flops.mfu(1000.0, paper("7b"), 4096, "cpu") is None
     # 1,000 tokens/s on an H100 is 1000 * flops_per_token / 989e12.

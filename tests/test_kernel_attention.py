@@ -78,7 +78,7 @@ def test_attention_of_views_into_one_fused_qkv_projection():
 def test_attention_with_each_gpu_launch_config(arch, head_dim, monkeypatch):
     # The interpreter runs the tiles the GPUs use (128-row blocks), so their causal and tail
     # logic is tested here too, not only the interpreter's small tiles.
-    target = runtime.CHIPS[arch].target(arch)
+    target = runtime.chip_target(arch)
     monkeypatch.setattr(runtime, "target", lambda device: target)
     assert attention_module.launch_config(head_dim, target, torch.bfloat16).fwd.block_m == 128
     dtype = DTYPES[0]  # bf16 on a GPU
@@ -94,7 +94,7 @@ def test_attention_with_each_gpu_launch_config(arch, head_dim, monkeypatch):
 
 def test_forward_tiles_follow_the_chips_shared_memory_not_its_arch_number():
     # sm_120 (consumer Blackwell) is a later arch than sm_90 but has 99 KB per block, not 227.
-    tiles = {arch: attention_module.launch_config(128, runtime.CHIPS[arch].target(arch),
+    tiles = {arch: attention_module.launch_config(128, runtime.chip_target(arch),
                                                   torch.bfloat16).fwd
              for arch in (80, 90, 120)}  # fmt: skip
     assert (tiles[90].block_m, tiles[90].block_n) == (128, 128)

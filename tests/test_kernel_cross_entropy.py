@@ -112,10 +112,10 @@ def test_cross_entropy_keeps_the_rows_in_flight_within_half_the_l2():
     runtime = importlib.import_module("llamatrain.kernels._runtime")
     ce = importlib.import_module("llamatrain.kernels.cross_entropy")
     for arch in (80, 90, 120):
-        target = runtime.CHIPS[arch].target(arch)
+        target = runtime.chip_target(arch)
         row_bytes = 32000 * 2  # a bf16 row of Llama 2's vocabulary
         programs = ce.rows_in_flight(target, row_bytes)
         assert programs >= target.num_sms
         assert programs * row_bytes <= target.l2_cache // 2
     # A100: 327 rows (21 MB) in flight, not one per resident program (864 rows, 55 MB).
-    assert ce.rows_in_flight(runtime.CHIPS[80].target(80), 64000) == 327
+    assert ce.rows_in_flight(runtime.chip_target(80), 64000) == 327

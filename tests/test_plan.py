@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from llamatrain import plan
+from llamatrain import hardware, plan
 from llamatrain.config import Config, ModelConfig, ParallelConfig, TrainConfig, load_config
 
 
@@ -136,7 +136,7 @@ def test_carbon_project_uses_the_planner_step_model():
                       ["--parallel.tp=2", "--parallel.activation_checkpointing=selective"])
     layout, _ = plan.check_layout(cfg, 2048, 8)
     step = plan.step_model(cfg, layout, num_gpus=2048, gpus_per_node=8,
-                           device=plan.device_spec("a100-80gb"), mfu=0.45,
+                           device=hardware.gpu("a100-80gb"), mfu=0.45,
                            fabric=plan.FABRICS["ib"], link_gbps=200.0)
     projected = carbon.project(carbon.Plan(config=cfg, tokens=2e12, num_gpus=2048,
                                            device="a100", mfu=0.45, fabric="ib"))

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamatrain.config import CarbonConfig, Config, load_config, run_cli
-from llamatrain.flops import flops_per_token, num_params, peak_flops
+from llamatrain.flops import flops_per_token, num_params
+from llamatrain.hardware import gpu, is_gpu, peak_flops, tdp_watts
 from llamatrain.plan import (
     FABRICS,
     candidate_layouts,
     check_layout,
-    device_spec,
     state_bytes,
     step_model,
 )
@@ -48,42 +48,6 @@ TABLE2: tuple[tuple[str, float, float, float], ...] = (
 # 42.1% (13B), 37.8% (34B, the 350 W production cluster), 46.0% (70B). 45% sits between the 7B and
 # 70B runs, both on RSC.
 PAPER_MFU = 0.45
-
-# Thermal design power per device, matched by substring of the lower-cased device name, more
-# specific patterns first. A100-SXM4 is 400 W, the cap at RSC; Meta's production cluster capped
-# the same parts at 350 W (set carbon.power_w = 350 to match it).
-_TDP_W: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("a100", "pcie"), 300.0),
-    (("a100",), 400.0),
-    (("h100", "pcie"), 350.0),
-    (("h100", "nvl"), 400.0),
-    (("h100",), 700.0),
-    (("h200", "nvl"), 600.0),
-    (("h200",), 700.0),
-)
-# An unknown GPU is charged like an A100; a CPU process like a share of a server socket. Both
-# are order-of-magnitude figures: set carbon.power_w for the machine at hand.
-UNKNOWN_GPU_W = 400.0
-CPU_W = 100.0
-_GPU_WORDS = ("nvidia", "cuda", "gpu")
-
-
-def tdp_watts(device_name: str) -> float:
-    """Power charged per device when nothing is measured or configured; device_name is what
-    torch.cuda.get_device_name() says (a bare "cuda" gets the unknown-GPU figure), or "cpu"."""
-    name = device_name.lower()
-    for patterns, watts in _TDP_W:
-        if all(p in name for p in patterns):
-            return watts
-    return UNKNOWN_GPU_W if is_gpu(name) else CPU_W
-
-
-def is_gpu(device_name: str) -> bool:
-    name = device_name.lower()
-    return any(w in name for w in _GPU_WORDS) or any(
-        all(p in name for p in patterns) for patterns, _ in _TDP_W
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # Measured energy
@@ -276,7 +240,7 @@ def project(plan: Plan) -> dict[str, Any]:
     if plan.fabric is not None and plan.fabric not in FABRICS:
         raise ValueError(f"fabric = {plan.fabric!r}: expected one of {', '.join(FABRICS)}")
     cfg = plan.config
-    device = device_spec(plan.device)
+    device = gpu(plan.device)
     fpt = flops_per_token(cfg.model, cfg.train.seq_len)
     peak = peak_flops(device.name, "bf16")
     if plan.tokens_per_s_per_gpu is not None:

@@ -1,5 +1,6 @@
-"""Model arithmetic without building a model: parameter count, FLOPs per token, device peak
-FLOP/s and the model FLOPs utilisation (MFU) that the trainer logs and `carbon project` inverts.
+"""Model arithmetic without building a model: parameter count, FLOPs per token and the model FLOPs
+utilisation (MFU) that the trainer logs and `carbon project` inverts (peaks from
+llamatrain.hardware).
 
 FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): 6N + 12*L*H*Q*T, where N counts
 the parameters that take part in matrix multiplies (all but the input embedding table, which is a
@@ -12,23 +13,7 @@ saving. With it, Table 2's 7B run (2T tokens in 184,320 A100-hours: 3,014 tokens
 from __future__ import annotations
 
 from llamatrain.config import ModelConfig
-
-# Dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched by
-# substring of the lower-cased device name, more specific patterns first.
-_PEAK_TFLOPS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
-    (("h100", "pcie"), {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0}),
-    (("h100",), {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0}),
-    (("h200",), {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0}),
-    (("a100",), {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-)
-
-# fp16 and bf16 share one tensor-core peak on these parts.
-_DTYPE_ALIASES = {
-    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
-    "fp16": "bf16", "float16": "bf16", "torch.float16": "bf16",
-    "tf32": "tf32",
-    "fp32": "fp32", "float32": "fp32", "torch.float32": "fp32",
-}
+from llamatrain.hardware import peak_flops
 
 
 def num_params(model_cfg: ModelConfig) -> int:
@@ -53,19 +38,6 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
         raise ValueError(f"seq_len = {seq_len}: expected a positive integer")
     n_layers, dim = model_cfg.n_layers, model_cfg.dim  # H*Q = n_heads * head_dim = dim
     return 6.0 * num_matmul_params(model_cfg) + 12.0 * n_layers * dim * seq_len
-
-
-def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
-    """Peak dense FLOP/s of one device in dtype, or None for a CPU or an unknown device."""
-    kind = _DTYPE_ALIASES.get(str(dtype).lower())
-    if kind is None:
-        allowed = ", ".join(sorted(_DTYPE_ALIASES))
-        raise ValueError(f"dtype = {dtype!r}: expected one of {allowed}")
-    name = device_name.lower()
-    for patterns, table in _PEAK_TFLOPS:
-        if all(p in name for p in patterns):
-            return table[kind] * 1e12
-    return None
 
 
 def mfu(

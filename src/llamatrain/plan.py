@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from llamatrain.config import Config, TrainConfig, load_config, run_cli, validate
-from llamatrain.flops import flops_per_token, num_params, peak_flops
+from llamatrain.flops import flops_per_token, num_params
+from llamatrain.hardware import BY_KEY, GPU, gpu, peak_flops
 
 GIB = 2**30
 
@@ -57,37 +58,12 @@ def batch_geometry(cfg: TrainConfig, dp_size: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices and fabrics
+# Fabrics
 
 
-@dataclass(frozen=True)
-class Device:
-    """A GPU as the planner sees it: name (as torch.cuda.get_device_name says it), memory, and
-    the nccl-tests bus bandwidth of NVLink inside an 8-GPU node (approximate)."""
-
-    name: str
-    memory_gib: float
-    nvlink_gbs: float
-
-
-DEVICES = {
-    "a100-80gb": Device("NVIDIA A100-SXM4-80GB", 80.0, 230.0),
-    "a100-40gb": Device("NVIDIA A100-SXM4-40GB", 40.0, 230.0),
-    "h100-80gb": Device("NVIDIA H100 80GB HBM3", 80.0, 370.0),
-    "h200-141gb": Device("NVIDIA H200", 141.0, 370.0),
-}
 # Of a device's memory, what a layout may plan to use: the rest is the CUDA context, NCCL's
 # buffers, the allocator's fragmentation and the optimizer step's temporaries.
 USABLE_FRACTION = 0.9
-
-
-def device_spec(name: str) -> Device:
-    """The device called `name`, or the first whose key starts with it ("a100" = a100-80gb)."""
-    key = name.lower()
-    match = DEVICES.get(key) or next((d for k, d in DEVICES.items() if k.startswith(key)), None)
-    if match is None:
-        raise ValueError(f"device = {name!r}: expected one of {', '.join(DEVICES)}")
-    return match
 
 
 @dataclass(frozen=True)
@@ -347,7 +323,7 @@ def step_model(
     *,
     num_gpus: int,
     gpus_per_node: int,
-    device: Device,
+    device: GPU,
     mfu: float,
     fabric: Fabric,
     link_gbps: float,
@@ -371,7 +347,7 @@ def step_model(
     n_local = num_params(m) / tp
     units = m.n_layers + 1
     net_bps = nics_per_node * link_gbps / 8 * 1e9 * fabric.efficiency
-    nvl_bps = device.nvlink_gbs * 1e9
+    nvl_bps = device.intra_node_gbs * 1e9
     net_hop, nvl_hop = fabric.hop_latency_us * 1e-6, NVLINK_HOP_US * 1e-6
     peak = peak_flops(device.name, "bf16")
     tokens = cfg.train.global_batch_tokens
@@ -458,7 +434,7 @@ class Setup:
 
 
 def _evaluate(cfg: Config, layout: Layout, setup: Setup, memory: Memory) -> dict[str, Any]:
-    device = device_spec(setup.device)
+    device = gpu(setup.device)
     budget = device.memory_gib * GIB * USABLE_FRACTION
     step = step_model(cfg, layout, num_gpus=setup.num_gpus, gpus_per_node=setup.gpus_per_node,
                       device=device, mfu=setup.mfu, fabric=FABRICS[setup.fabric],
@@ -474,7 +450,7 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
         raise ValueError(f"fabric = {setup.fabric!r}: expected one of {', '.join(FABRICS)}")
     if not 0 < setup.mfu <= 1:
         raise ValueError(f"mfu = {setup.mfu!r}: expected a fraction in (0, 1]")
-    device = device_spec(setup.device)
+    device = gpu(setup.device)
     g, gpn = setup.num_gpus, setup.gpus_per_node
     requested, refusal, own_refusal = None, None, None
     try:
@@ -601,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--device", default="a100-80gb", help=", ".join(DEVICES))
+    parser.add_argument("--device", default="a100-80gb", help=", ".join(BY_KEY))
     parser.add_argument("--mfu", type=float, default=0.45)
     parser.add_argument("--fabric", choices=sorted(FABRICS), default="ib")
     parser.add_argument("--link-gbps", type=float, default=200.0)
