@@ -19,11 +19,12 @@ import torch
 
 from llamatrain import ops
 from llamatrain.config import load_config
-from llamatrain.distributed.parallelize import init_distributed
+from llamatrain.distributed.parallel_dims import batch_geometry
+from llamatrain.distributed.world import init_distributed
 from llamatrain.flops import mfu
 from llamatrain.metrics import read_metrics
 from llamatrain.model import Transformer
-from llamatrain.train import Trainer, batch_geometry, build_optimizer
+from llamatrain.train import Trainer, build_optimizer
 
 WARMUP = 3
 # Without --config: configs/tiny.toml on a CPU; on a GPU, a 0.87B-parameter Llama 2 (GQA 16:8) in

@@ -9,13 +9,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from llamatrain.config import ModelConfig, ParallelConfig
-from llamatrain.distributed.parallelize import (
-    build_mesh,
-    full_state_dict,
-    init_distributed,
-    materialize,
-    parallelize,
-)
+from llamatrain.distributed.parallel_dims import build_mesh
+from llamatrain.distributed.parallelize import full_state_dict, materialize, parallelize
+from llamatrain.distributed.world import init_distributed
 from llamatrain.model import Transformer
 
 world = init_distributed()

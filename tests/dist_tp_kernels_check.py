@@ -10,14 +10,10 @@ from torch.distributed.tensor import DTensor
 
 from llamatrain import ops
 from llamatrain.config import ModelConfig, ParallelConfig
-from llamatrain.distributed.parallelize import (
-    build_mesh,
-    init_distributed,
-    loss_context,
-    materialize,
-    parallelize,
-    vocab_parallel_cross_entropy,
-)
+from llamatrain.distributed.parallel_dims import build_mesh
+from llamatrain.distributed.parallelize import materialize, parallelize
+from llamatrain.distributed.world import init_distributed
+from llamatrain.loss import loss_context, vocab_parallel_cross_entropy
 from llamatrain.model import Transformer
 
 world = init_distributed()

@@ -11,15 +11,10 @@ import torch.distributed as dist
 
 from llamatrain import ops
 from llamatrain.config import Config, ModelConfig, ParallelConfig, TrainConfig
-from llamatrain.distributed.parallelize import (
-    build_mesh,
-    init_distributed,
-    local_bytes,
-    loss_context,
-    materialize,
-    parallelize,
-    sequence_loss,
-)
+from llamatrain.distributed.parallel_dims import build_mesh
+from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
+from llamatrain.distributed.world import init_distributed
+from llamatrain.loss import loss_context, sequence_loss
 from llamatrain.model import Transformer
 from llamatrain.plan import _split, track_step
 from llamatrain.train import build_optimizer

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from llamatrain.config import ParallelConfig
-from llamatrain.distributed.parallelize import mesh_shape
+from llamatrain.distributed.parallel_dims import mesh_shape
 
 
 @pytest.mark.parametrize(("nproc", "replicate", "tp"),

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, losses, run_train, tiny_args
 
 from llamatrain.config import ParallelConfig, load_config
-from llamatrain.distributed.parallelize import mesh_shape
+from llamatrain.distributed.parallel_dims import mesh_shape
 
 STEPS = 8
 AC = {"train.steps": STEPS, "parallel.activation_checkpointing": "full"}

@@ -16,13 +16,8 @@ from conftest import REPO, losses, run_train, tiny_args, train_command
 
 from llamatrain import ops
 from llamatrain.config import TrainConfig, load_config
-from llamatrain.train import (
-    REQUEUE_EXIT_CODE,
-    REQUEUE_MARKER,
-    attention_backward,
-    batch_geometry,
-    lr_at,
-)
+from llamatrain.distributed.parallel_dims import batch_geometry
+from llamatrain.train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, attention_backward, lr_at
 
 STOP = {"LLAMATRAIN_FAULT_STOP_STEP": "6"}
 

@@ -28,13 +28,7 @@ from typing import Any
 from llamatrain.config import CarbonConfig, Config, load_config, run_cli
 from llamatrain.flops import flops_per_token, num_params
 from llamatrain.hardware import gpu, is_gpu, peak_flops, tdp_watts
-from llamatrain.plan import (
-    FABRICS,
-    candidate_layouts,
-    check_layout,
-    state_bytes,
-    step_model,
-)
+from llamatrain.plan import FABRICS, candidate_layouts, check_layout, state_bytes, step_model
 
 # (model, GPU-hours, W per GPU, tCO2eq): Table 2 of the paper.
 TABLE2: tuple[tuple[str, float, float, float], ...] = (

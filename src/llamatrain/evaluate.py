@@ -527,7 +527,9 @@ def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtyp
     from llamatrain.checkpoint.dcp import load_model_weights
     from llamatrain.config import ParallelConfig
     from llamatrain.convert import load_hf, load_meta
-    from llamatrain.distributed.parallelize import World, build_mesh, parallelize
+    from llamatrain.distributed.parallel_dims import build_mesh
+    from llamatrain.distributed.parallelize import parallelize
+    from llamatrain.distributed.world import World
 
     path = Path(path)
     kind = checkpoint_kind(path)
@@ -724,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("CHECKPOINT: give at least one (or --download)")
     checkpoints = expand_checkpoints(args.checkpoints)
     offline_first()
-    from llamatrain.distributed.parallelize import init_distributed
+    from llamatrain.distributed.world import init_distributed
 
     world = init_distributed()
     device = _device()

@@ -35,26 +35,12 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from llamatrain.config import Config, TrainConfig, load_config, run_cli, validate
+from llamatrain.config import Config, load_config, run_cli, validate
+from llamatrain.distributed.parallel_dims import batch_geometry
 from llamatrain.flops import flops_per_token, num_params
 from llamatrain.hardware import BY_KEY, GPU, gpu, peak_flops
 
 GIB = 2**30
-
-
-def batch_geometry(cfg: TrainConfig, dp_size: int) -> tuple[int, int]:
-    """(sequences per global batch, micro-batches per data-parallel rank per step).
-
-    dp_size is the number of data-parallel ranks, world size / parallel.tp: the ranks of one
-    tensor-parallel group work on the same sequences."""
-    per_pass = dp_size * cfg.micro_batch_size * cfg.seq_len
-    if cfg.global_batch_tokens % per_pass:
-        raise ValueError(
-            f"train.global_batch_tokens = {cfg.global_batch_tokens}: not a multiple of "
-            f"data-parallel ranks x micro_batch_size x seq_len = {dp_size} x "
-            f"{cfg.micro_batch_size} x {cfg.seq_len} = {per_pass}"
-        )
-    return cfg.global_batch_tokens // cfg.seq_len, cfg.global_batch_tokens // per_pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +109,7 @@ def with_layout(cfg: Config, layout: Layout) -> Config:
 def check_layout(cfg: Config, num_gpus: int, gpus_per_node: int) -> tuple[Layout, int]:
     """The layout of `cfg` on num_gpus, and its micro-batches per step, or the ValueError the
     trainer would raise for it: the same checks, by the same functions."""
-    from llamatrain.distributed.parallelize import mesh_shape
+    from llamatrain.distributed.parallel_dims import mesh_shape
 
     if num_gpus < 1 or gpus_per_node < 1:
         raise ValueError(f"gpus = {num_gpus}, gpus_per_node = {gpus_per_node}: expected >= 1")
@@ -194,7 +180,9 @@ def _build(cfg: Config, n_layers: int, num_gpus: int, gpus_per_node: int):
     """A meta-device model of n_layers blocks, parallelized as the trainer would (in fake_world)."""
     import torch
 
-    from llamatrain.distributed.parallelize import World, build_mesh, parallelize
+    from llamatrain.distributed.parallel_dims import build_mesh
+    from llamatrain.distributed.parallelize import parallelize
+    from llamatrain.distributed.world import World
     from llamatrain.model import Transformer
 
     world = World(0, num_gpus, 0, min(gpus_per_node, num_gpus), torch.device("cpu"))
@@ -219,7 +207,7 @@ def track_step(model, mesh, cfg: Config) -> dict[str, int]:
     import torch
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from llamatrain.distributed.parallelize import loss_context, sequence_loss
+    from llamatrain.loss import loss_context, sequence_loss
 
     tokens = torch.randint(0, cfg.model.vocab_size,
                            (cfg.train.micro_batch_size, cfg.train.seq_len))

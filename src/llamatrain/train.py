@@ -49,18 +49,11 @@ from llamatrain.config import (
 from llamatrain.data.cache import prepare_sources
 from llamatrain.data.datasets import open_training_data
 from llamatrain.data.loader import BatchLoader
-from llamatrain.distributed.parallelize import (
-    World,
-    build_mesh,
-    init_distributed,
-    local_bytes,
-    loss_context,
-    materialize,
-    mesh_shape,
-    parallelize,
-    sequence_loss,
-)
+from llamatrain.distributed.parallel_dims import batch_geometry, build_mesh, mesh_shape
+from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
+from llamatrain.distributed.world import World, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
+from llamatrain.loss import loss_context, sequence_loss
 from llamatrain.metrics import (
     MetricsLogger,
     memory_gb,
@@ -69,7 +62,6 @@ from llamatrain.metrics import (
     require_optional,
 )
 from llamatrain.model import Transformer, num_params
-from llamatrain.plan import batch_geometry
 
 REQUEUE_EXIT_CODE = 75
 REQUEUE_MARKER = "requeue"
