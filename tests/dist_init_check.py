@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from llamatrain.config import ModelConfig, ParallelConfig
-from llamatrain.distributed.parallel_dims import build_mesh
+from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import full_state_dict, materialize, parallelize
 from llamatrain.distributed.world import init_distributed
 from llamatrain.model import Transformer
@@ -23,7 +23,8 @@ cfg = ModelConfig(dim=80, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97 if 
 parallel = ParallelConfig(dp_shard=-1, dp_replicate=int(sys.argv[1]), tp=tp)
 with torch.device("meta"):
     model = Transformer(cfg)
-parallelize(model, parallel, build_mesh(parallel, world), param_dtype=torch.float32)
+dims = ParallelDims.from_config(parallel, world.world_size, world.local_world_size)
+parallelize(model, parallel, dims.build_mesh(world.device.type), param_dtype=torch.float32)
 materialize(model, world.device, seed=11)
 sharded = full_state_dict(model)
 reference = Transformer(cfg, seed=11).state_dict()

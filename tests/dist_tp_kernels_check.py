@@ -10,7 +10,7 @@ from torch.distributed.tensor import DTensor
 
 from llamatrain import ops
 from llamatrain.config import ModelConfig, ParallelConfig
-from llamatrain.distributed.parallel_dims import build_mesh
+from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import materialize, parallelize
 from llamatrain.distributed.world import init_distributed
 from llamatrain.loss import loss_context, vocab_parallel_cross_entropy
@@ -29,7 +29,8 @@ ref_loss.backward()
 
 ops.set_backend("triton")
 parallel = ParallelConfig(tp=2)
-mesh = build_mesh(parallel, world)
+dims = ParallelDims.from_config(parallel, world.world_size, world.local_world_size)
+mesh = dims.build_mesh(world.device.type)
 with torch.device("meta"):
     model = Transformer(cfg)
 parallelize(model, parallel, mesh, param_dtype=torch.float32)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from llamatrain import ops
 from llamatrain.config import Config, ModelConfig, ParallelConfig, TrainConfig
-from llamatrain.distributed.parallel_dims import build_mesh
+from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
 from llamatrain.distributed.world import init_distributed
 from llamatrain.loss import loss_context, sequence_loss
@@ -25,7 +25,8 @@ cfg = Config(model=ModelConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, voc
                                multiple_of=32, max_seq_len=128),
              train=TrainConfig(seq_len=128, micro_batch_size=2),
              parallel=ParallelConfig(tp=int(sys.argv[1]), activation_checkpointing=sys.argv[2]))
-mesh = build_mesh(cfg.parallel, world)
+dims = ParallelDims.from_config(cfg.parallel, world.world_size, world.local_world_size)
+mesh = dims.build_mesh(world.device.type)
 with torch.device("meta"):
     model = Transformer(cfg.model)
 parallelize(model, cfg.parallel, mesh, param_dtype=torch.bfloat16)

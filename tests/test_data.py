@@ -22,6 +22,7 @@ from llamatrain.data.cache import prepare_source
 from llamatrain.data.datasets import load_dataset
 from llamatrain.data.prepare import PrepareOptions, is_val
 from llamatrain.data.tokenizer import Tokenizer
+from llamatrain.loss import IGNORE_INDEX
 
 WORDS = ["def", "return", "class", "import", "self", "value", "index", "total", "print"]
 HARD = ["\ttab\r\nCRLF\r\n", "   runs   of spaces ", " lead", "中文 😀 ﬁ ＡＢ", "\n\nx\n"]
@@ -600,7 +601,7 @@ def test_sft_reads_prompt_and_response_columns_of_parquet(tmp_path, prepared):
                 tokenizer=str(first / "tokenizer.model"))
     ds = load_dataset(out, DataConfig(format="sft"), seq_len=32)
     batch = ds.get_batch([0])
-    answer = batch["labels"][0][batch["labels"][0] != datasets.IGNORE_INDEX].tolist()
+    answer = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
     tok = ds.tokenizer
     assert answer == [*tok.encode("4"), tok.eos_id, *tok.encode("llama"), tok.eos_id]
 

@@ -11,9 +11,10 @@ import torch
 
 from llamatrain.config import DataConfig
 from llamatrain.data.__main__ import prepare_dir
-from llamatrain.data.datasets import IGNORE_INDEX, load_dataset
+from llamatrain.data.datasets import load_dataset
 from llamatrain.data.prepare import PrepareOptions
 from llamatrain.data.tokenizer import TRAINER_SETTINGS
+from llamatrain.loss import IGNORE_INDEX
 from llamatrain.ops import cross_entropy
 
 WORDS = ["what", "is", "the", "value", "of", "answer", "sum", "total", "print", "list", "sort"]

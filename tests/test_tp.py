@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, losses, run_train, tiny_args
 
 from llamatrain.config import ParallelConfig, load_config
-from llamatrain.distributed.parallel_dims import mesh_shape
+from llamatrain.distributed.parallel_dims import ParallelDims
 
 STEPS = 8
 AC = {"train.steps": STEPS, "parallel.activation_checkpointing": "full"}
@@ -95,14 +95,15 @@ def test_tp_that_does_not_divide_the_model_names_what_would_work():
 
 
 def test_tp_stays_inside_a_node_and_divides_the_world():
-    assert mesh_shape(ParallelConfig(tp=8), 2048, 8) == (1, 256, 8)
-    assert mesh_shape(ParallelConfig(tp=2, dp_shard=4, dp_replicate=-1), 32, 8) == (4, 4, 2)
+    assert ParallelDims.from_config(ParallelConfig(tp=8), 2048, 8) == ParallelDims(1, 1, 256, 8)
+    assert ParallelDims.from_config(ParallelConfig(tp=2, dp_shard=4, dp_replicate=-1), 32, 8) \
+        == ParallelDims(1, 4, 4, 2)
     with pytest.raises(ValueError, match=r"parallel.tp = 8: must divide the 4 GPUs per node "
                                          r"\(tensor parallelism stays inside a node; would "
                                          r"work: 1, 2, 4\)"):
-        mesh_shape(ParallelConfig(tp=8), 64, 4)
+        ParallelDims.from_config(ParallelConfig(tp=8), 64, 4)
     with pytest.raises(ValueError, match="must multiply to world size / parallel.tp = 16 / 2 = 8"):
-        mesh_shape(ParallelConfig(tp=2, dp_shard=3, dp_replicate=1), 16, 8)
+        ParallelDims.from_config(ParallelConfig(tp=2, dp_shard=3, dp_replicate=1), 16, 8)
 
 
 def test_a_bad_tp_is_one_line_from_the_trainer():

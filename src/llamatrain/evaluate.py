@@ -527,9 +527,8 @@ def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtyp
     from llamatrain.checkpoint.dcp import load_model_weights
     from llamatrain.config import ParallelConfig
     from llamatrain.convert import load_hf, load_meta
-    from llamatrain.distributed.parallel_dims import build_mesh
+    from llamatrain.distributed.parallel_dims import ParallelDims
     from llamatrain.distributed.parallelize import parallelize
-    from llamatrain.distributed.world import World
 
     path = Path(path)
     kind = checkpoint_kind(path)
@@ -549,9 +548,9 @@ def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtyp
     with torch.device("meta"):
         model = Transformer(cfg)
     if shard:
-        world = World(dist.get_rank(), dist.get_world_size(), 0, dist.get_world_size(), device)
-        model = parallelize(model, ParallelConfig(), build_mesh(ParallelConfig(), world),
-                            param_dtype=dtype)
+        mesh = ParallelDims.from_config(ParallelConfig(), dist.get_world_size()).build_mesh(
+            device.type)
+        model = parallelize(model, ParallelConfig(), mesh, param_dtype=dtype)
     model.to_empty(device=device)
     if full is None:
         load_model_weights(path, model)

@@ -1,11 +1,14 @@
-"""The loss: mean cross-entropy over the targets that are not IGNORE_INDEX, of whole logits or of
-logits sharded over the vocabulary (loss parallelism)."""
+"""The loss, in one place: the mean cross-entropy over every target that is not IGNORE_INDEX (SFT
+masks its prompts and padding with it), of a micro-batch, computed one of three ways: the output
+projection and the loss fused in one kernel (no full logits), whole logits, or logits sharded over
+the vocabulary under tensor parallelism (loss parallelism, without gathering them)."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -14,6 +17,9 @@ from torch.distributed.tensor.parallel import loss_parallel
 from llamatrain import ops
 from llamatrain.distributed.parallel_dims import tp_mesh
 
+# The target of a position the loss ignores (PyTorch's cross_entropy default).
+IGNORE_INDEX = -100
+
 
 def loss_context(mesh: DeviceMesh | None):
     """Where the loss of vocabulary-sharded logits is computed and differentiated: torch's
@@ -21,7 +27,19 @@ def loss_context(mesh: DeviceMesh | None):
     return loss_parallel() if tp_mesh(mesh) is not None else contextlib.nullcontext()
 
 
-def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over the unmasked targets of one micro-batch, their count); fused: the model's
+    output projection and the loss in one kernel (not for a tensor-parallel output projection)."""
+    labels = batch["labels"]
+    if fused:
+        loss = model(batch["input_ids"], labels, ignore_index=IGNORE_INDEX)
+    else:
+        loss = sequence_loss(model(batch["input_ids"]), labels)
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
                   ) -> torch.Tensor:
     """Mean cross-entropy of (batch, seq, vocab) logits over targets != ignore_index:
     vocabulary-parallel when tensor parallelism leaves the logits sharded over the vocabulary."""

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from llamatrain.config import Config, load_config, run_cli, validate
-from llamatrain.distributed.parallel_dims import batch_geometry
+from llamatrain.distributed.parallel_dims import ParallelDims, batch_geometry
 from llamatrain.flops import flops_per_token, num_params
 from llamatrain.hardware import BY_KEY, GPU, gpu, peak_flops
 
@@ -109,15 +109,13 @@ def with_layout(cfg: Config, layout: Layout) -> Config:
 def check_layout(cfg: Config, num_gpus: int, gpus_per_node: int) -> tuple[Layout, int]:
     """The layout of `cfg` on num_gpus, and its micro-batches per step, or the ValueError the
     trainer would raise for it: the same checks, by the same functions."""
-    from llamatrain.distributed.parallel_dims import mesh_shape
-
     if num_gpus < 1 or gpus_per_node < 1:
         raise ValueError(f"gpus = {num_gpus}, gpus_per_node = {gpus_per_node}: expected >= 1")
     validate(cfg)
-    replicate, shard, tp = mesh_shape(cfg.parallel, num_gpus, min(gpus_per_node, num_gpus))
-    _, accum = batch_geometry(cfg.train, num_gpus // tp)
-    layout = Layout(replicate, shard, tp, cfg.parallel.activation_checkpointing,
-                    cfg.train.micro_batch_size)
+    dims = ParallelDims.from_config(cfg.parallel, num_gpus, min(gpus_per_node, num_gpus))
+    _, accum = dims.batch_geometry(cfg.train)
+    layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp,
+                    cfg.parallel.activation_checkpointing, cfg.train.micro_batch_size)
     return layout, accum
 
 
@@ -180,13 +178,11 @@ def _build(cfg: Config, n_layers: int, num_gpus: int, gpus_per_node: int):
     """A meta-device model of n_layers blocks, parallelized as the trainer would (in fake_world)."""
     import torch
 
-    from llamatrain.distributed.parallel_dims import build_mesh
     from llamatrain.distributed.parallelize import parallelize
-    from llamatrain.distributed.world import World
     from llamatrain.model import Transformer
 
-    world = World(0, num_gpus, 0, min(gpus_per_node, num_gpus), torch.device("cpu"))
-    mesh = build_mesh(cfg.parallel, world)
+    dims = ParallelDims.from_config(cfg.parallel, num_gpus, min(gpus_per_node, num_gpus))
+    mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
         model = Transformer(replace(cfg.model, n_layers=n_layers))
     parallelize(model, cfg.parallel, mesh, param_dtype=torch.bfloat16)

@@ -49,11 +49,11 @@ from llamatrain.config import (
 from llamatrain.data.cache import prepare_sources
 from llamatrain.data.datasets import open_training_data
 from llamatrain.data.loader import BatchLoader
-from llamatrain.distributed.parallel_dims import batch_geometry, build_mesh, mesh_shape
+from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
 from llamatrain.distributed.world import World, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
-from llamatrain.loss import loss_context, sequence_loss
+from llamatrain.loss import IGNORE_INDEX, loss_context, micro_batch_loss
 from llamatrain.metrics import (
     MetricsLogger,
     memory_gb,
@@ -68,7 +68,6 @@ REQUEUE_MARKER = "requeue"
 BAD_STEPS_EXIT_CODE = 3
 DISK_FULL_EXIT_CODE = 4
 INTERRUPTED_EXIT_CODE = 130
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -199,10 +198,12 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
-        # The ranks of one tensor-parallel group (consecutive ranks) read the same samples.
-        self.tp = mesh_shape(cfg.parallel, world.world_size, world.local_world_size)[2]
-        self.dp_rank, self.dp_size = world.rank // self.tp, world.world_size // self.tp
-        self.global_batch, self.accum = batch_geometry(cfg.train, self.dp_size)
+        self.dims = ParallelDims.from_config(cfg.parallel, world.world_size,
+                                             world.local_world_size)
+        # The ranks of one tensor-parallel group read the same samples.
+        self.tp, self.dp_size = self.dims.tp, self.dims.dp_size
+        self.dp_rank = self.dims.coordinates(world.rank).dp_rank
+        self.global_batch, self.accum = self.dims.batch_geometry(cfg.train)
         self.backend = ops.set_backend(cfg.kernels.backend, self.device.type,
                                        attention_backward(cfg))  # fmt: skip
         self.faults = Faults.from_env()
@@ -304,7 +305,7 @@ class Trainer:
             model = Transformer(cfg.model, fuse_residual=cfg.kernels.fused_residual)
         self.num_params = num_params(model)
         use_fsdp = world.world_size > 1 or self.device.type == "cuda"
-        self.mesh = build_mesh(cfg.parallel, world) if use_fsdp else None
+        self.mesh = self.dims.build_mesh(self.device.type) if use_fsdp else None
         self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype)
         materialize(self.model, self.device, seed=cfg.train.seed)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
@@ -377,14 +378,9 @@ class Trainer:
             self.loader = None
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss over unmasked targets, their count) of one micro-batch."""
-        labels = batch["labels"]
-        if self.cfg.kernels.fused_loss and self.tp == 1:
-            # The output projection and the loss in one kernel: no full logits.
-            loss = self.model(batch["input_ids"], labels, ignore_index=IGNORE_INDEX)
-        else:
-            loss = sequence_loss(self.model(batch["input_ids"]), labels, IGNORE_INDEX)
-        return loss, (labels != IGNORE_INDEX).sum()
+        # The fused loss needs the whole vocabulary: under tensor parallelism, the sharded logits.
+        fused = self.cfg.kernels.fused_loss and self.tp == 1
+        return micro_batch_loss(self.model, batch, fused=fused)
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches; returns (global loss, grad norm).

@@ -19,13 +19,13 @@ from llamatrain.config import DataConfig
 from llamatrain.data.cache import Source, check_vocabulary, dataset_identity, read_meta, run_sources
 from llamatrain.data.sampler import GlobalSampler, MixtureSampler
 from llamatrain.data.tokenizer import Tokenizer, load_tokenizer
+from llamatrain.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch
 
 
 
-IGNORE_INDEX = -100
 
 
 class TokenStream:

@@ -1,61 +1,128 @@
-"""The layout of a run: the degrees of its device mesh, the mesh, and the batch geometry that
-follows from them."""
+"""The layout of a run, in one place: the degrees of its device mesh (pp, dp_replicate, dp_shard,
+tp, outermost first), their validation, the mesh, this rank's coordinates in it, and the batch
+geometry that follows. The trainer, `python -m llamatrain.plan` and `carbon project` ask
+ParallelDims; none of them re-derives a rank from the mesh's order.
+
+Ranks are laid out row-major over (pp, dp_replicate, dp_shard, tp): tp innermost, so that a
+tensor-parallel group is consecutive ranks of one node, and pp outermost, so that pipeline stages
+sit on different nodes. Every data-parallel rank (dp_replicate x dp_shard of them) reads its own
+slice of the global batch; the ranks of one tensor-parallel group and of one pipeline read the
+same samples.
+"""
 
 from __future__ import annotations
 
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llamatrain.config import ParallelConfig, TrainConfig
-from llamatrain.distributed.world import World
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
-def mesh_shape(
-    cfg: ParallelConfig, world_size: int, gpus_per_node: int | None = None
-) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) with the -1 entry filled in; a mismatch is a ValueError.
+@dataclass(frozen=True)
+class Coordinates:
+    """Where one rank sits in the mesh."""
 
-    The data-parallel ranks are world_size / tp; tensor parallelism stays inside a node, so tp
-    must divide the GPUs per node (the processes per node) as well as the world size."""
-    tp = cfg.tp
-    if world_size % tp:
-        raise ValueError(f"parallel.tp = {tp}: must divide the world size {world_size}")
-    if gpus_per_node is not None and gpus_per_node % tp:
-        fits = [d for d in (1, 2, 4, 8, 16) if gpus_per_node % d == 0 and world_size % d == 0]
-        raise ValueError(f"parallel.tp = {tp}: must divide the {gpus_per_node} GPUs per node "
-                         f"(tensor parallelism stays inside a node; would work: "
-                         f"{', '.join(map(str, fits))})")
-    dp = world_size // tp
-    replicate, shard = cfg.dp_replicate, cfg.dp_shard
-    if shard == -1:
-        shard = dp // replicate
-    if replicate == -1:
-        replicate = dp // shard
-    if replicate * shard != dp:
-        size = f"the world size {world_size}" if tp == 1 else (
-            f"world size / parallel.tp = {world_size} / {tp} = {dp}")
-        raise ValueError(
-            f"parallel.dp_replicate x parallel.dp_shard = {cfg.dp_replicate} x {cfg.dp_shard}: "
-            f"must multiply to {size}"
-        )
-    return replicate, shard, tp
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    dp_rank: int  # among the dp_replicate x dp_shard data-parallel ranks
 
 
-def build_mesh(cfg: ParallelConfig, world: World) -> DeviceMesh:
-    """The device mesh: axes dp_replicate (only when > 1), dp_shard, and tp (only when > 1), tp
-    innermost so that a tensor-parallel group is consecutive ranks of one node."""
-    shape = dict(zip(("dp_replicate", "dp_shard", "tp"),
-                     mesh_shape(cfg, world.world_size, world.local_world_size), strict=True))
-    axes = {name: size for name, size in shape.items() if size > 1 or name == "dp_shard"}
-    return init_device_mesh(world.device.type, tuple(axes.values()),
-                            mesh_dim_names=tuple(axes))
+@dataclass(frozen=True)
+class ParallelDims:
+    """The degrees of a layout; their product is the world size."""
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int,
+                    gpus_per_node: int | None = None) -> ParallelDims:
+        """The degrees of cfg on world_size ranks, the -1 entry filled in; a mismatch is a
+        ValueError naming the key, the value and what would work.
+
+        Tensor parallelism stays inside a node, so tp must divide the GPUs per node (the
+        processes per node) as well as the world size; the data-parallel ranks are
+        world_size / (pp x tp)."""
+        if world_size < 1:
+            raise ValueError(f"world size = {world_size}: expected >= 1")
+        pp, tp = getattr(cfg, "pp", 1), cfg.tp
+        if world_size % tp:
+            raise ValueError(f"parallel.tp = {tp}: must divide the world size {world_size}")
+        if gpus_per_node is not None and gpus_per_node % tp:
+            fits = [d for d in (1, 2, 4, 8, 16) if gpus_per_node % d == 0 and world_size % d == 0]
+            raise ValueError(f"parallel.tp = {tp}: must divide the {gpus_per_node} GPUs per node "
+                             f"(tensor parallelism stays inside a node; would work: "
+                             f"{', '.join(map(str, fits))})")
+        if world_size % (pp * tp):
+            raise ValueError(f"parallel.pp = {pp}: pp x tp = {pp * tp} must divide the world "
+                             f"size {world_size}")
+        dp = world_size // (pp * tp)
+        replicate, shard = cfg.dp_replicate, cfg.dp_shard
+        if shard == -1:
+            shard = dp // replicate
+        if replicate == -1:
+            replicate = dp // shard
+        if replicate * shard != dp:
+            split = {f"parallel.{k}": v for k, v in (("pp", pp), ("tp", tp)) if v > 1}
+            size = f"the world size {world_size}"
+            if len(split) == 1:
+                size = f"world size / {next(iter(split))} = {world_size} / {pp * tp} = {dp}"
+            elif split:
+                size = (f"world size / ({' x '.join(split)}) = {world_size} / ({pp} x {tp}) "
+                        f"= {dp}")
+            raise ValueError(
+                f"parallel.dp_replicate x parallel.dp_shard = {cfg.dp_replicate} x "
+                f"{cfg.dp_shard}: must multiply to {size}")
+        return cls(pp, replicate, shard, tp)
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: each reads its own slice of every global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return dict(zip(AXES, (self.pp, self.dp_replicate, self.dp_shard, self.tp), strict=True))
+
+    def coordinates(self, rank: int) -> Coordinates:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank = {rank}: expected 0 <= rank < {self.world_size}")
+        rest, tp = divmod(rank, self.tp)
+        rest, shard = divmod(rest, self.dp_shard)
+        pp, replicate = divmod(rest, self.dp_replicate)
+        return Coordinates(pp, replicate, shard, tp, replicate * self.dp_shard + shard)
+
+    def batch_geometry(self, cfg: TrainConfig) -> tuple[int, int]:
+        return batch_geometry(cfg, self.dp_size)
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The device mesh over the process group: axes pp, dp_replicate and tp where their
+        degree is > 1, dp_shard always (FSDP shards over it, even when it is 1)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        axes = {name: size for name, size in self.shape.items()
+                if size > 1 or name == "dp_shard"}
+        return init_device_mesh(device_type, tuple(axes.values()), mesh_dim_names=tuple(axes))
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The data-parallel part of the mesh, over which FSDP shards (and replicates)."""
     names = mesh.mesh_dim_names or ()
-    if "tp" not in names:
-        return mesh
-    return mesh[tuple(n for n in names if n != "tp")]
+    data = tuple(n for n in names if n in ("dp_replicate", "dp_shard"))
+    return mesh if data == names else mesh[data]
 
 
 def tp_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
@@ -66,8 +133,8 @@ def tp_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
 def batch_geometry(cfg: TrainConfig, dp_size: int) -> tuple[int, int]:
     """(sequences per global batch, micro-batches per data-parallel rank per step).
 
-    dp_size is the number of data-parallel ranks, world size / parallel.tp: the ranks of one
-    tensor-parallel group work on the same sequences."""
+    dp_size is the number of data-parallel ranks, world size / (pp x tp): the ranks of one
+    tensor-parallel group and of one pipeline work on the same sequences."""
     per_pass = dp_size * cfg.micro_batch_size * cfg.seq_len
     if cfg.global_batch_tokens % per_pass:
         raise ValueError(
