@@ -22,10 +22,15 @@ from pathlib import Path
 from typing import Any
 
 
-def _f(default: Any, help: str, *, key: str | None = None) -> Any:
-    metadata = {"help": help}
+def _f(default: Any, help: str, *, key: str | None = None,
+       keywords: tuple[str, ...] = ()) -> Any:
+    """A field with its help text; `keywords` are the words an `int | str` field takes besides
+    an integer (checkpoint.interval = "auto")."""
+    metadata: dict[str, Any] = {"help": help}
     if key is not None:
         metadata["key"] = key
+    if keywords:
+        metadata["keywords"] = keywords
     return field(default=default, metadata=metadata)
 
 
@@ -82,6 +87,15 @@ class TrainConfig:
     eval_batches: int = _f(4, "Micro-batches per rank in one validation pass.")
     max_bad_steps: int = _f(5, "Stop after this many non-finite losses in a row.")
     deterministic: bool = _f(False, "Use deterministic algorithms (bit-identical reruns).")
+    collective_timeout_s: float = _f(
+        600.0, "Process group timeout: a collective that waits longer fails (NCCL dumps its "
+        "flight recorder).",
+    )  # fmt: skip
+    hang_timeout_s: float = _f(
+        0.0, "Seconds without a finished step before the watchdog dumps every thread's stacks "
+        "into run.dir/hang/ and exits 75 (0 = auto: 10x the median step, at least 300 s; 1800 "
+        "s until 5 steps are timed).",
+    )  # fmt: skip
 
 
 @dataclass
@@ -144,10 +158,18 @@ class KernelsConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _f(500, "Save every this many steps (and at the end).")
+    interval: int | str = _f(
+        500, 'Save every this many steps (and at the end), or "auto": the Young-Daly interval '
+        "sqrt(2 x save cost x checkpoint.mtbf_hours) once the first save is timed.",
+        keywords=("auto",),
+    )  # fmt: skip
     keep: int = _f(3, "Newest checkpoints kept on disk.")
     async_save: bool = _f(False, "Save in the background; block only while staging.", key="async")
     init_from: str = _f("", "Checkpoint to initialise a new run from (weights only).")
+    mtbf_hours: float = _f(
+        0.0, "Mean time between failures of the whole job, in hours (0 = unknown); the report "
+        "then gives the Young-Daly checkpoint interval.",
+    )  # fmt: skip
 
 
 @dataclass
@@ -156,6 +178,10 @@ class MetricsConfig:
     wandb: bool = _f(False, "Also log to Weights & Biases (needs the wandb extra).")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard extra).")
     profile_steps: int = _f(0, "Record a torch.profiler trace of this many steps (0 = off).")
+    straggler_factor: float = _f(
+        1.2, "Ranks whose step time (waits for other ranks left out) or data wait exceeds the "
+        "median by this factor are named in the log and the report.",
+    )  # fmt: skip
 
 
 @dataclass
@@ -203,6 +229,14 @@ def _closest(word: str, options: Iterable[str]) -> str:
 
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _int_or_keyword(key: str, value: Any, keywords: Sequence[str]) -> int | str:
+    """An `int | str` field: an integer (not a bool), or exactly one of its keywords."""
+    if (isinstance(value, int) and not isinstance(value, bool)) or value in keywords:
+        return value
+    allowed = " or ".join(f'"{k}"' for k in keywords)
+    raise ValueError(f"{key} = {value!r}: expected an integer or {allowed}")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -262,6 +296,10 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     if typing.get_origin(tp) is list:
         setattr(getattr(cfg, section), f.name,
                 _table_list(f"{section}.{key}", value, typing.get_args(tp)[0]))
+        return
+    if tp == int | str:
+        setattr(getattr(cfg, section), f.name,
+                _int_or_keyword(f"{section}.{key}", value, f.metadata["keywords"]))
         return
     if tp is str and not isinstance(value, str):
         value = str(value).lower() if isinstance(value, bool) else str(value)
@@ -371,7 +409,7 @@ def validate(cfg: Config) -> Config:
     _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))
     _choice("kernels.attention_backward", cfg.kernels.attention_backward,
             ("atomic", "deterministic"))  # fmt: skip
-    _positive("checkpoint.interval", cfg.checkpoint.interval)
+    _check_resilience(cfg)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("metrics.log_interval", cfg.metrics.log_interval)
     _positive("metrics.profile_steps", cfg.metrics.profile_steps, zero_ok=True)
@@ -386,6 +424,27 @@ def validate(cfg: Config) -> Config:
     _positive("carbon.pue", cfg.carbon.pue)
     _positive("carbon.intensity_kg_per_kwh", cfg.carbon.intensity_kg_per_kwh, zero_ok=True)
     return cfg
+
+
+def _check_resilience(cfg: Config) -> None:
+    """Timeouts, the checkpoint interval and the straggler factor."""
+    t, c = cfg.train, cfg.checkpoint
+    _positive("train.collective_timeout_s", t.collective_timeout_s)
+    _positive("train.hang_timeout_s", t.hang_timeout_s, zero_ok=True)
+    if t.hang_timeout_s >= t.collective_timeout_s:
+        # A hang inside a collective would end in the process group's timeout, without stacks.
+        raise ValueError(f"train.hang_timeout_s = {t.hang_timeout_s!r}: must be shorter than "
+                         f"train.collective_timeout_s = {t.collective_timeout_s!r} (or 0 = auto)")
+    _positive("checkpoint.mtbf_hours", c.mtbf_hours, zero_ok=True)
+    if c.interval == "auto":
+        if not c.mtbf_hours:
+            raise ValueError('checkpoint.interval = "auto": needs checkpoint.mtbf_hours > 0 (the '
+                             "mean time between failures of the whole job, in hours)")
+    elif c.interval < 1:
+        raise ValueError(f'checkpoint.interval = {c.interval}: expected an integer >= 1 or "auto"')
+    if not cfg.metrics.straggler_factor > 1:
+        raise ValueError(f"metrics.straggler_factor = {cfg.metrics.straggler_factor!r}: "
+                         "expected a number > 1")
 
 
 def _validate_mix(data: DataConfig) -> None:
