@@ -2,8 +2,9 @@
 
 Every rank leaves an exit record when it ends (under pretrain.sbatch, which sets
 LLAMATRAIN_REQUEUE_DIR): its exit code, its node and why, in `<dir>/rank-<RANK>`. A rank killed
-with its node leaves none. After srun returns, the batch script asks `python -m llamatrain.requeue
-verdict` what to do, which reads those records:
+with its node leaves none. launch/torchrun.sh leaves its node's exit code in `<dir>/node-<name>`
+(a bad configuration ends it before any rank starts). After srun returns, the batch script asks
+`python -m llamatrain.requeue verdict` what to do, which reads those records:
 
 - `done`: every rank finished.
 - `requeue`: every rank saved on request (SIGUSR1/SIGTERM): come back as before.
@@ -102,6 +103,18 @@ def record_exit(code: int, reason: str) -> None:
               file=sys.stderr, flush=True)
 
 
+def read_node_codes(directory: Path) -> dict[str, int]:
+    """The exit codes launch/torchrun.sh left per node (`node-<name>`: it finds a bad
+    configuration before any rank starts)."""
+    codes = {}
+    for path in directory.glob("node-*"):
+        try:
+            codes[path.name.removeprefix("node-")] = int(path.read_bytes()[:16])
+        except (OSError, ValueError):
+            continue
+    return codes
+
+
 def read_records(directory: Path) -> dict[int, ExitRecord]:
     """The ranks' exit records; a file that is not one (the directory is untrusted) is skipped."""
     records = {}
@@ -142,9 +155,12 @@ def failed_nodes(records: dict[int, ExitRecord], nodes: Iterable[str]) -> list[s
 
 
 def decide(records: dict[int, ExitRecord], nodes: list[str], *, srun_exit: int,
-           failures_so_far: int, max_failures: int) -> Verdict:
-    """What the batch script does after srun returned `srun_exit` (see the module docstring)."""
-    never = sorted({r.code for r in records.values() if r.code in NEVER_REQUEUE}
+           failures_so_far: int, max_failures: int,
+           node_codes: dict[str, int] | None = None) -> Verdict:
+    """What the batch script does after srun returned `srun_exit` and the nodes' torchrun.sh
+    `node_codes` (see the module docstring)."""
+    codes_seen = [r.code for r in records.values()] + list((node_codes or {}).values())
+    never = sorted({c for c in codes_seen if c in NEVER_REQUEUE}
                    | ({srun_exit} if srun_exit == 2 else set()))
     if never:
         code = never[0]
@@ -212,7 +228,8 @@ def _verdict_cli(args: argparse.Namespace) -> int:
     records = read_records(Path(args.records))
     so_far = failures_of_job(run_dir, args.job)
     verdict = decide(records, nodes, srun_exit=args.srun_exit, failures_so_far=so_far,
-                     max_failures=args.max_failures)
+                     max_failures=args.max_failures,
+                     node_codes=read_node_codes(Path(args.records)))
     if verdict.action in ("retry", "stop") and verdict.exit_code not in NEVER_REQUEUE:
         entry = {"time": time.time(), "job": args.job, "restart": args.restart, "nodes": nodes,
                  "failed": [n for n in failed_nodes(records, nodes)], "excluded": verdict.exclude,
