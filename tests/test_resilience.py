@@ -47,7 +47,7 @@ def hung_then_resumed(prepared_data, tmp_path_factory):
     records = run_dir.parent / "exit-records"
     args = tiny_args(prepared_data, run_dir, **{
         "train.steps": STEPS, "checkpoint.interval": 4, "metrics.log_interval": 2,
-        "train.hang_timeout_s": HANG_TIMEOUT_S})
+        "train.hang_timeout_s": HANG_TIMEOUT_S, "train.collective_timeout_s": 300})
     slow = {"LLAMATRAIN_FAULT_SLOW": f"1:{SLOW_S}"}
     hung = _torchrun(args, {**slow, "LLAMATRAIN_FAULT_HANG": "6:1",
                             "LLAMATRAIN_REQUEUE_DIR": str(records)})
@@ -63,6 +63,8 @@ def test_a_rank_that_stops_stepping_ends_the_job_with_75_and_stacks_on_disk(hung
     hung, hang = hung_then_resumed["hung"], hung_then_resumed["hang"]
     out = hung.stdout + hung.stderr
     assert hung.returncode == requeue.REQUEUE_EXIT_CODE, out[-3000:]
+    # The process group itself holds train.collective_timeout_s.
+    assert "collective timeout 300 s" in hung.stdout
     # Every thread's stack of both ranks: rank 1 asleep in the injected hang, rank 0 waiting for
     # it in the step boundary's all_reduce.
     assert "in at_step_boundary" in hang["stacks-rank-1.txt"]
@@ -168,6 +170,11 @@ def test_auto_interval_saves_first_to_measure_then_every_young_daly_interval():
     assert (report["young_daly_s"], report["young_daly_steps"]) == (pytest.approx(240.0), 480)
     fixed = SaveSchedule(CheckpointConfig(interval=4))
     assert [s for s in range(1, 13) if fixed.due(s, last_saved=0, steps_this_run=s)] == [4, 8, 12]
+    # A run that turns "auto" on at a resume measures again: a fixed interval is no Young-Daly.
+    fixed.measured(blocked_s=1.0, total_s=1.0, step_s=1.0)
+    turned = SaveSchedule(CheckpointConfig(interval="auto", mtbf_hours=4.0))
+    turned.load_state_dict(fixed.state_dict())
+    assert turned.every is None and turned.blocked == [1.0]
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -203,6 +210,17 @@ def test_checkpoint_interval_auto_parses_from_file_and_cli_and_round_trips(tmp_p
     assert load_config(None, ["--checkpoint.interval=250"]).checkpoint.interval == 250
     (tmp_path / "again.toml").write_text(to_toml(cfg))
     assert load_config(tmp_path / "again.toml") == cfg
+
+
+def test_the_flight_recorder_dump_lands_in_the_hang_directory(tmp_path):
+    from llamatrain.watchdog import Watchdog
+
+    dog = Watchdog(tmp_path, rank=3, world_size=4, gpu=None, timeout_s=1.0,
+                   on_fire=lambda step, line: None, flight_recorder=True)
+    dog.dir.mkdir()
+    path = dog._dump_flight_recorder()
+    assert path == str(tmp_path / "hang" / "nccl_trace" / "rank_3")
+    assert (tmp_path / "hang" / "nccl_trace" / "rank_3").stat().st_size > 0
 
 
 def test_auto_hang_timeout_is_ten_median_steps_at_least_300_s():

@@ -176,9 +176,9 @@ def _kill_ranks(job_id: int, node: str) -> list[int]:
 def test_a_node_lost_mid_run_comes_back_on_the_rest_with_the_same_losses(
     cluster, overrides, reference, tmp_path
 ):
-    # Rank 0 sleeps 0.1 s in each step (losses unchanged), so that the kill lands mid-run.
+    # Rank 0 sleeps 50 ms in each step (losses unchanged), so that the kill lands mid-run.
     job_id = cluster.sbatch("--nodes=2", "--job-name=nodeloss",
-                            "--export=ALL,MIN_NODES=1,LLAMATRAIN_FAULT_SLOW=0:0.1", SBATCH,
+                            "--export=ALL,MIN_NODES=1,LLAMATRAIN_FAULT_SLOW=0:0.05", SBATCH,
                             CONFIG, *overrides, "--checkpoint.interval=10", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "nodeloss"
     log_path = tmp_path / f"nodeloss-{job_id}.out"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,26 @@ class Goodput:
             carried.between_attempts_s += max(0.0, self.start - max(end, saved_at))
         carried.lost_steps += max(0, lost_steps)
         self.carried = carried
+
+    def resumed(self, run_dir: Path, state: dict[str, Any], *,
+                log: Callable[[str], None] = print) -> None:
+        """Resumed from a checkpoint (its trainer.json `state`): the attempt that went past it
+        ended when its last metrics record or the launcher's failure record says, and its steps
+        after the checkpoint are lost. Call before metrics.jsonl is truncated to the checkpoint."""
+        from llamatrain.metrics import read_metrics
+        from llamatrain.requeue import read_failures
+
+        metrics = Path(run_dir) / "metrics.jsonl"
+        records = read_metrics(metrics) if metrics.is_file() else []
+        saved_at = state.get("time")
+        saved_at = saved_at if isinstance(saved_at, int | float) else self.start
+        end, lost = previous_end(records, read_failures(Path(run_dir)),
+                                 checkpoint_step=state["step"], checkpoint_time=saved_at,
+                                 before=self.start)
+        self.restored(state, end=end, lost_steps=lost)
+        if lost:
+            log(f"{lost} step(s) after step {state['step']} were lost with the previous attempt "
+                "and are recomputed")
 
     def restore_took(self, seconds: float) -> None:
         self.own.restore_s += seconds

@@ -236,7 +236,9 @@ def _verdict_cli(args: argparse.Namespace) -> int:
                  "srun_exit": args.srun_exit, "action": verdict.action,
                  "ranks": [asdict(r) for r in sorted(records.values(), key=lambda r: r.rank)]}
         run_dir.mkdir(parents=True, exist_ok=True)
-        with (run_dir / FAILURES_FILE).open("a") as f:
+        fd = os.open(run_dir / FAILURES_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                     | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(entry) + "\n")
     print(verdict.line())
     return 0

@@ -57,7 +57,7 @@ from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
 from llamatrain.distributed.world import World, collective_timeout_s, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
-from llamatrain.goodput import Goodput, previous_end
+from llamatrain.goodput import Goodput
 from llamatrain.goodput import markdown as goodput_markdown
 from llamatrain.loss import IGNORE_INDEX, loss_context, micro_batch_loss
 from llamatrain.metrics import (
@@ -405,24 +405,11 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.last_saved = self.step
         self.schedule.load_state_dict(state.get("checkpoint_interval"))
-        self._account_previous_attempt(state)
+        if self.world.is_main:  # only rank 0's ledger is saved and reported
+            self.goodput.resumed(self.run_dir, state, log=self.log)
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {restored.path} (step {self.step}, saved at world size "
                  f"{state['saved_world_size']})")
-
-    def _account_previous_attempt(self, state: dict[str, Any]) -> None:
-        """Goodput: the attempt that went past this checkpoint ended when its last metrics record
-        or the launcher's failure record says; its steps after the checkpoint are lost."""
-        metrics = self.run_dir / "metrics.jsonl"
-        records = read_metrics(metrics) if self.world.is_main and metrics.is_file() else []
-        saved_at = state.get("time")
-        saved_at = saved_at if isinstance(saved_at, int | float) else self.goodput.start
-        end, lost = previous_end(records, read_failures(self.run_dir), checkpoint_step=self.step,
-                                 checkpoint_time=saved_at, before=self.goodput.start)
-        self.goodput.restored(state, end=end, lost_steps=lost)
-        if lost:
-            self.log(f"{lost} step(s) after step {self.step} were lost with the previous attempt "
-                     "and are recomputed")
 
     def _on_hang(self, step: int, line: str) -> None:
         """The watchdog fired (its own thread): leave the requeue marker like a stop does."""

@@ -200,17 +200,20 @@ class Watchdog:
         step, marks, phase, wall, _ = self._state
         self.dir.mkdir(parents=True, exist_ok=True)
         stacks = self.dir / f"stacks-rank-{self.rank}.txt"
-        with stacks.open("w") as f:
+        tmp = stacks.with_name(f".{stacks.name}.{os.getpid()}")
+        with tmp.open("w") as f:
             f.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: no progress for "
                     f"{idle:.1f} s at step {step} after {phase}\n\n")
             f.flush()
             faulthandler.dump_traceback(f, all_threads=True)
+        os.replace(tmp, stacks)  # a link planted at the name is replaced, never written through
         record = {"rank": self.rank, "host": self.host, "gpu": self.gpu, "pid": os.getpid(),
                   "step": step, "mark": marks, "phase": phase, "progress_time": wall,
                   "idle_s": idle, "timeout_s": timeout, "fired_at": time.time(),
                   "nccl_trace": self._dump_flight_recorder()}
         _write_atomic(self.dir / f"rank-{self.rank}.json", json.dumps(record, indent=1) + "\n")
-        (self.dir / FIRED).touch()
+        os.close(os.open(self.dir / FIRED, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        os.utime(self.dir / FIRED, follow_symlinks=False)
         print(f"rank {self.rank} ({self.host}): no progress for {idle:.0f} s (hang timeout "
               f"{timeout:.0f} s) at step {step} after {phase}; stacks in {stacks}",
               file=sys.stderr, flush=True)
@@ -254,7 +257,9 @@ class Watchdog:
             return f"dump failed: {type(e).__name__}: {e}"
         path = self.dir / "nccl_trace" / f"rank_{self.rank}"
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(data)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
         return str(path)
 
 

@@ -65,18 +65,24 @@ class SaveSchedule:
                                         mtbf_hours=self.cfg.mtbf_hours, step_s=self.step_s)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every, "blocked_s": self.blocked[-20:], "total_s": self.totals[-20:],
-                "step_s": self.step_s}
+        return {"auto": self.auto, "every": self.every, "blocked_s": self.blocked[-20:],
+                "total_s": self.totals[-20:], "step_s": self.step_s}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """A resume (trainer.json, untrusted): the costs, and an auto interval already computed."""
         if not isinstance(state, dict):
             return
-        if self.auto and isinstance(state.get("every"), int) and state["every"] > 0:
-            self.every = state["every"]
-        self.blocked = [float(x) for x in state.get("blocked_s") or []]
-        self.totals = [float(x) for x in state.get("total_s") or []]
-        if isinstance(state.get("step_s"), int | float):
-            self.step_s = float(state["step_s"])
+        every = state.get("every")
+        if self.auto and state.get("auto") is True and isinstance(every, int) and every > 0:
+            self.every = every
+        def seconds(values: Any) -> list[float]:
+            ok = isinstance(values, list) and all(isinstance(x, int | float) for x in values)
+            return [float(x) for x in values if math.isfinite(x) and x >= 0] if ok else []
+
+        self.blocked, self.totals = seconds(state.get("blocked_s")), seconds(state.get("total_s"))
+        step_s = state.get("step_s")
+        if isinstance(step_s, int | float) and math.isfinite(step_s) and step_s > 0:
+            self.step_s = float(step_s)
 
     def report(self) -> dict[str, Any]:
         """Measured cost (mean blocking and total seconds per save), and the Young-Daly interval
