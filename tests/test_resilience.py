@@ -26,7 +26,7 @@ from llamatrain.requeue import ExitRecord, decide
 from llamatrain.stragglers import straggler_stats
 from llamatrain.watchdog import auto_timeout_s, describe, first_stopped
 
-SLOW_S = 0.25
+SLOW_S = 0.4
 HANG_TIMEOUT_S = 4
 STEPS = 8
 
