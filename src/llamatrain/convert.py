@@ -342,11 +342,12 @@ def _model_toml(cfg: ModelConfig) -> str:
 def checkpoint_to_state_dict(step_dir: str | Path) -> tuple[StateDict, ModelConfig]:
     """Full weights of a training checkpoint, read in one process, with the run's model config."""
     from llamatrain.checkpoint.dcp import read_model_weights
+    from llamatrain.checkpoint.rundir import RunDir
     from llamatrain.config import load_config
     from llamatrain.model import Transformer
 
     step_dir = Path(step_dir)
-    config = step_dir.parent.parent / "config.toml"
+    config = RunDir.of_checkpoint(step_dir).config
     if not (step_dir / ".metadata").is_file() or not config.is_file():
         raise ValueError(f"{str(step_dir)!r}: expected RUN_DIR/checkpoints/step-N of a run "
                          "(with RUN_DIR/config.toml)")
@@ -372,7 +373,9 @@ def _write_init_checkpoint(state_dict: StateDict, cfg: ModelConfig, out: Path,
 def run_tokenizer(step_dir: str | Path, override: str = "") -> Tokenizer:
     """The SentencePiece model of the run a checkpoint belongs to (the trainer keeps a copy in
     RUN_DIR/tokenizer.model), or the one `override` names."""
-    path = Path(override) if override else Path(step_dir).parent.parent / "tokenizer.model"
+    from llamatrain.checkpoint.rundir import RunDir
+
+    path = Path(override) if override else RunDir.of_checkpoint(step_dir).tokenizer
     if not path.is_file():
         raise ValueError(f"{str(path)!r}: no tokenizer.model (runs from before the trainer kept "
                          "one: pass --tokenizer DATA_DIR/tokenizer.model)")

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llamatrain.checkpoint.rundir import RunDir, step_dirs
 from llamatrain.config import EvalConfig, ModelConfig
 from llamatrain.data.tokenizer import Tokenizer, load_tokenizer
 from llamatrain.inference import KVCache, Sampling, cached_forward, generate
@@ -455,13 +456,13 @@ def checkpoint_kind(path: Path) -> str:
     run (a run directory: all of its checkpoints)."""
     if (path / ".metadata").is_file() and (path / "model.toml").is_file():
         return "init"
-    if (path / ".metadata").is_file() and (path.parent.parent / "config.toml").is_file():
+    if (path / ".metadata").is_file() and RunDir.of_checkpoint(path).config.is_file():
         return "dcp"
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file():
         return "meta"
-    if (path / "checkpoints").is_dir() and (path / "config.toml").is_file():
+    if RunDir(path).checkpoints.is_dir() and RunDir(path).config.is_file():
         return "run"
     raise ValueError(f"checkpoint {str(path)!r}: expected RUN_DIR/checkpoints/step-N, a run "
                      "directory, a `convert from-hf/from-meta` output, a Hugging Face directory "
@@ -474,9 +475,8 @@ def expand_checkpoints(paths: Sequence[str]) -> list[Path]:
     for p in map(Path, paths):
         if checkpoint_kind(p) == "run":
             # DCP writes .metadata last: a step directory with it holds the whole model.
-            steps = sorted((s for s in (p / "checkpoints").glob("step-*")
-                            if (s / ".metadata").is_file()),
-                           key=lambda s: int(s.name.removeprefix("step-")))
+            steps = [s for s in reversed(step_dirs(RunDir(p).checkpoints))
+                     if (s / ".metadata").is_file()]
             if not steps:
                 raise ValueError(f"run {str(p)!r}: no complete checkpoint under checkpoints/")
             out += steps
@@ -534,7 +534,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtyp
     kind = checkpoint_kind(path)
     full: dict[str, torch.Tensor] | None = None
     if kind == "dcp":
-        cfg = _model_section(path.parent.parent / "config.toml")
+        cfg = _model_section(RunDir.of_checkpoint(path).config)
     elif kind == "init":
         cfg = _model_section(path / "model.toml")
     else:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llamatrain.checkpoint.rundir import RunDir
 from llamatrain.config import MetricsConfig
 
 
@@ -59,12 +60,12 @@ class MetricsLogger:
                  total_steps: int, run_name: str, config: dict[str, Any]):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.start = time.perf_counter()
         self._wandb, tb = require_optional(cfg)
         self._tb = None
         if tb is not None and enabled:
-            self._tb = tb.SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = tb.SummaryWriter(str(RunDir(run_dir).tensorboard))
         if enabled and self._wandb is not None:
             self._wandb.init(project="llamatrain", name=run_name, config=config,
                              dir=str(run_dir), resume="allow")
@@ -155,8 +156,8 @@ def plot_loss(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    run_dir = RunDir(run_dir)
+    records = read_metrics(run_dir.metrics)
     train = [r for r in records if r.get("loss") is not None]
     val = [r for r in records if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -166,11 +167,11 @@ def plot_loss(run_dir: str | Path) -> Path:
                 label="validation")
     ax.set_xlabel("processed tokens")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"training loss: {run_dir.name}")
+    ax.set_title(f"training loss: {run_dir.path.name}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
+    out = run_dir.loss_plot
     fig.savefig(out)
     plt.close(fig)
     return out

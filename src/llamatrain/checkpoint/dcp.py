@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -43,10 +42,20 @@ from torch.distributed.checkpoint.state_dict import (
 
 from llamatrain.checkpoint import safe_dcp
 from llamatrain.checkpoint.identity import differences
+from llamatrain.checkpoint.rundir import (
+    LATEST,
+    STEP_NAME,
+    RunDir,
+    step_dirs,
+    step_name,
+    step_of,
+    tmp_step_dirs,
+    tmp_step_name,
+    write_atomic,
+)
 from llamatrain.config import CheckpointConfig
 
 TRAINER_STATE = "trainer.json"
-STEP_NAME = re.compile(r"step-\d+")
 # Files each rank writes in parallel: one writer thread leaves fast disks half idle while it
 # serialises (benchmarks/checkpoint.py: about 55% of raw write speed with 1, 80-95% with 4).
 WRITE_THREADS = 4
@@ -58,36 +67,19 @@ class ResumeRefused(ValueError):
     """The run directory holds checkpoints this run must not continue from or train over."""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step-"))
-
-
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
-
-
-def step_dirs(ckpt_dir: Path) -> list[Path]:
-    """Every `step-<N>` directory, complete or not, newest first."""
-    return sorted((p for p in ckpt_dir.glob("step-*")
-                   if STEP_NAME.fullmatch(p.name) and p.is_dir()),
-                  key=_step_of, reverse=True)
 
 
 def candidates(ckpt_dir: Path, log=print) -> list[Path]:
     """Complete checkpoints, newest first, starting from the one `latest` names."""
     steps = step_dirs(ckpt_dir)
-    latest_file = ckpt_dir / "latest"
+    latest_file = ckpt_dir / LATEST
     if latest_file.is_file():
         name = latest_file.read_bytes()[:100].decode(errors="replace").strip()
         named = ckpt_dir / name
         if STEP_NAME.fullmatch(name) and named.is_dir():
-            steps = [named] + [p for p in steps if p != named and _step_of(p) < _step_of(named)]
+            steps = [named] + [p for p in steps if p != named and step_of(p) < step_of(named)]
         else:
             log(f"{latest_file} holds {name!r}, not a checkpoint of this directory: ignored; "
                 "using the newest complete checkpoint")
@@ -127,7 +119,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, rank: int, world_size: int,
                  identity: dict[str, Any]):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = RunDir(run_dir).checkpoints
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         # What defines this run; its run_id is adopted from the checkpoint a resume loads.
@@ -168,8 +160,8 @@ class Checkpointer:
         """Save step `step`; returns the seconds the caller was blocked."""
         start = time.perf_counter()
         self.wait()
-        final = self.dir / f"step-{step}"
-        tmp = self.dir / f".tmp-step-{step}"
+        final = self.dir / step_name(step)
+        tmp = self.dir / tmp_step_name(step)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -239,7 +231,7 @@ class Checkpointer:
             if final.exists():
                 self._set_aside(final)
             os.replace(tmp, final)
-            write_atomic(self.dir / "latest", final.name + "\n")
+            write_atomic(self.dir / LATEST, final.name + "\n")
             self._prune()
         if collective:
             self._barrier()
@@ -263,7 +255,7 @@ class Checkpointer:
         ours = [p for p in step_dirs(self.dir) if is_complete(p) and self._ours(p)]
         for old in ours[self.cfg.keep:]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.dir.glob(".tmp-step-*"):
+        for stale in tmp_step_dirs(self.dir):
             if self._pending is None or stale != self._pending.tmp:
                 shutil.rmtree(stale, ignore_errors=True)
 

@@ -24,8 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-LOCK_FILE = "LOCK"
-FLOCK_FILE = ".flock"
+from llamatrain.checkpoint.rundir import LOCK as LOCK_FILE
+from llamatrain.checkpoint.rundir import RunDir
+
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 
@@ -65,7 +66,7 @@ class RunLock:
 
     @property
     def path(self) -> Path:
-        return self.dir / LOCK_FILE
+        return RunDir(self.dir).lock
 
     def acquire(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,7 @@ class RunLock:
 
     def _flock(self) -> bool:
         """True when flock(2) is held; False where the file system does not support it."""
-        fd = os.open(self.dir / FLOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(RunDir(self.dir).flock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
