@@ -20,7 +20,6 @@ import errno
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -35,7 +34,16 @@ from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
 from llamatrain.checkpoint.dcp import Checkpointer, load_model_weights
 from llamatrain.checkpoint.identity import new_run_id, run_identity
-from llamatrain.checkpoint.rundir import REQUEUE, RunDir, write_atomic
+from llamatrain.checkpoint.rundir import (
+    REQUEUE,
+    RunDir,
+    RunDirRefused,
+    check_usable,
+    copy_file,
+    make_dir,
+    write_atomic,
+    write_with,
+)
 from llamatrain.checkpoint.runlock import RunDirLocked, RunLock
 from llamatrain.config import (
     Config,
@@ -220,21 +228,23 @@ class Trainer:
             raise
 
     def _lock_run_dir(self) -> RunLock | None:
-        """Rank 0 takes the run directory for the whole run; every rank stops if it cannot."""
+        """Rank 0 checks that the run directory is one this run may use, before anything is
+        written, and takes it for the whole run; every rank stops if it cannot."""
         lock, error = None, None
         if self.world.is_main:
             lock = RunLock(self.run_dir, log=self.log)
             try:
+                check_usable(self.run_dir, self.cfg)
                 lock.acquire()
-            except RunDirLocked as e:
+            except (RunDirLocked, RunDirRefused) as e:
                 error = e
         held = _all_reduce(torch.tensor([float(error is None)], device=self.device),
                            dist.ReduceOp.MIN)
         if error is not None:
             raise error
         if not held.item():
-            raise RunDirLocked(f"run.dir = {str(self.run_dir)!r} is in use by another run "
-                               "(see rank 0)")
+            raise RunDirRefused(f"run.dir = {str(self.run_dir)!r}: refused by rank 0 (see its "
+                                "error)")
         return lock
 
     def release(self) -> None:
@@ -439,7 +449,7 @@ class Trainer:
             self.files.requeue.unlink(missing_ok=True)
             write_atomic(self.files.config, to_toml(cfg))
             # The run's own copy of its tokenizer: exports and evaluation read it from here.
-            shutil.copyfile(self.train_data.path / "tokenizer.model", self.files.tokenizer)
+            copy_file(self.train_data.path / "tokenizer.model", self.files.tokenizer)
         if self.step >= cfg.train.steps:
             self.log(f"already at step {self.step} of {cfg.train.steps}: nothing to do")
             return 0
@@ -455,7 +465,7 @@ class Trainer:
                 self._close_loader()
                 if self.world.is_main:
                     marker = {"step": self.step, "reason": StopFlag.reason(stop_code)}
-                    self.files.requeue.write_text(json.dumps(marker) + "\n")
+                    write_atomic(self.files.requeue, json.dumps(marker) + "\n")
                 self.log(f"stopping at step {self.step} for requeue (exit {REQUEUE_EXIT_CODE})")
                 return REQUEUE_EXIT_CODE
             t0 = time.perf_counter()
@@ -576,8 +586,8 @@ class Trainer:
 
         def export(prof) -> None:
             path = out / f"trace-rank{self.world.rank}.json"
-            out.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(path))
+            make_dir(out)
+            write_with(path, lambda tmp: prof.export_chrome_trace(str(tmp)))
             self.log(f"profiler trace: {path} (open in https://ui.perfetto.dev or TensorBoard)")
 
         prof = profile(activities=activities, on_trace_ready=export,
@@ -609,10 +619,10 @@ class Trainer:
                 values = [r[key] for r in records if key in r]
                 if values:
                     report[f"final_{key}"] = values[-1]
-            self.files.report_json.write_text(json.dumps(report, indent=2) + "\n")
+            write_atomic(self.files.report_json, json.dumps(report, indent=2) + "\n")
             table = self.benchmarks.report(records) if self.benchmarks else ""
-            self.files.report_md.write_text(
-                _report_markdown(report, acct)
+            write_atomic(
+                self.files.report_md, _report_markdown(report, acct)
                 + (f"\n## Benchmarks (§2.3, Table 3)\n\n{table}" if table else ""))
             plot = plot_loss(self.run_dir)
             self.log(f"done: {self.step} steps, {self.tokens_seen:,} tokens in "

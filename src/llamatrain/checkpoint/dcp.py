@@ -46,6 +46,8 @@ from llamatrain.checkpoint.rundir import (
     LATEST,
     STEP_NAME,
     RunDir,
+    fresh_dir,
+    make_dir,
     step_dirs,
     step_name,
     step_of,
@@ -139,7 +141,8 @@ class Checkpointer:
         self._group = (
             dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
         )
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -163,8 +166,7 @@ class Checkpointer:
         final = self.dir / step_name(step)
         tmp = self.dir / tmp_step_name(step)
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_dir(tmp)
         self._barrier()
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
         state = dict(trainer_state, identity=self.identity, saved_world_size=self.world_size,
@@ -228,7 +230,7 @@ class Checkpointer:
                 checksums[rng.name] = safe_dcp.file_sha256(rng)
             state = dict(pending.state, checksums=checksums)
             write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=1) + "\n")
-            if final.exists():
+            if final.exists() or final.is_symlink():
                 self._set_aside(final)
             os.replace(tmp, final)
             write_atomic(self.dir / LATEST, final.name + "\n")
@@ -245,8 +247,9 @@ class Checkpointer:
         return saved.get("run_id") == self.identity["run_id"]
 
     def _set_aside(self, path: Path) -> None:
-        """Make room for a new `path`: an old one of this run goes, any other is kept aside."""
-        if self._ours(path):
+        """Make room for a new `path`: an old one of this run goes, any other (a link too) is kept
+        aside."""
+        if not path.is_symlink() and self._ours(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.replace(path, path.with_name(f"{path.name}.replaced-{int(time.time())}"))
