@@ -358,7 +358,9 @@ class Trainer:
         restored = self.checkpointer.restore(self.model, self.optimizer, log=self.log)
         if restored is None:
             if self.cfg.checkpoint.init_from:
-                load_model_weights(self.cfg.checkpoint.init_from, self.model)
+                load_model_weights(self.cfg.checkpoint.init_from, self.model,
+                                   verify=self.cfg.checkpoint.verify_init_from,
+                                   bypass="set --checkpoint.verify_init_from=false", log=self.log)
                 self.log(f"initialised weights from {self.cfg.checkpoint.init_from}")
             self.last_saved = -1
             self.metrics.truncate_after(0)  # records of an attempt that never saved

@@ -361,48 +361,81 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def verify_checkpoint(path: Path, key: str) -> None:
-    """Check every file of a checkpoint against the checksums its trainer.json records (a weights
-    -only checkpoint made by `convert` has none); a mismatch is a ValueError naming `key`."""
-    if not (path / TRAINER_STATE).is_file():
+def verify_checkpoint(path: Path, key: str, *, verify: bool = True, bypass: str = "",
+                      log=print) -> None:
+    """Check every file of a checkpoint against the SHA-256 sums its trainer.json records, before
+    anything of it is loaded: a missing or unlisted file or a mismatch is a ValueError naming
+    `key`. A checkpoint with no sums to check (no trainer.json, or one without checksums: an
+    older llamatrain's, or one whose trainer.json was removed) is refused as well, unless `verify`
+    is False (`bypass` says how to ask for that): then it is loaded, with a warning."""
+    state_path = path / TRAINER_STATE
+    checksums = None
+    if state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{key} = {str(path)!r}: unreadable {TRAINER_STATE} ({e})") from None
+        checksums = state.get("checksums") if isinstance(state, dict) else None
+    if not isinstance(checksums, dict) or not checksums:
+        why = (f"its {TRAINER_STATE} records no checksums" if state_path.is_file()
+               else f"it has no {TRAINER_STATE}")
+        if verify:
+            raise ValueError(
+                f"{key} = {str(path)!r}: {why}, so its files cannot be verified (llamatrain "
+                "loads a checkpoint only after checking every file against the SHA-256 sums "
+                f"recorded when it was written); if you trust where it came from, {bypass}")
+        log(f"WARNING: {key} = {str(path)!r}: {why}; loading it UNVERIFIED, as asked")
         return
-    try:
-        checksums = read_trainer_state(path).get("checksums") or {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{key} = {str(path)!r}: unreadable {TRAINER_STATE} ({e})") from None
-    problem = safe_dcp.verify(path, checksums, rank=0, world_size=1)
+    unlisted = sorted(p.name for p in path.iterdir()
+                      if p.is_file() and p.name != TRAINER_STATE and p.name not in checksums)
+    problem = (f"{unlisted[0]} has no checksum in {TRAINER_STATE}" if unlisted else
+               safe_dcp.verify(path, checksums, rank=0, world_size=1))
     if problem:
         raise ValueError(f"{key} = {str(path)!r}: {problem}")
 
 
-def load_model_weights(path: str | Path, model: nn.Module) -> None:
-    """Load only the model's weights from a checkpoint (checkpoint.init_from), at any world size."""
+def load_model_weights(path: str | Path, model: nn.Module, *, key: str = "checkpoint.init_from",
+                       verify: bool = True, bypass: str = "", log=print) -> None:
+    """Load only the model's weights from a verified checkpoint (checkpoint.init_from,
+    evaluate), at any world size; see verify_checkpoint for `verify` and `bypass`."""
     path = Path(path)
     if not (path / ".metadata").is_file():
-        raise ValueError(f"checkpoint.init_from = {str(path)!r}: not a checkpoint directory")
-    verify_checkpoint(path, "checkpoint.init_from")
+        raise ValueError(f"{key} = {str(path)!r}: not a checkpoint directory")
+    verify_checkpoint(path, key, verify=verify, bypass=bypass, log=log)
     options = StateDictOptions(strict=True)
     model_sd = get_model_state_dict(model, options=options)
     try:
         safe_dcp.load({"model": model_sd}, path)
     except (Exception, CheckpointException) as e:
         reason = str(e).strip().splitlines()[-1][:300]
-        raise ValueError(f"checkpoint.init_from = {str(path)!r}: does not fit the [model] "
-                         f"section ({reason})") from None
+        raise ValueError(f"{key} = {str(path)!r}: does not fit the [model] section "
+                         f"({reason})") from None
     set_model_state_dict(model, model_sd, options=options)
 
 
-def save_model_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write plain tensors as a weights-only DCP checkpoint (one process, no process group)."""
+def save_model_weights(state_dict: dict[str, torch.Tensor], path: str | Path, *,
+                       files: dict[str, bytes] | None = None, source: str = "") -> Path:
+    """Write plain tensors as a weights-only DCP checkpoint (one process, no process group), with
+    `files` beside them and a trainer.json of every file's SHA-256, written last, which is what
+    init_from, evaluate and convert verify before they load it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dcp.save({"model": state_dict}, checkpoint_id=str(path), no_dist=True)
+    writer = safe_dcp.ChecksummingWriter(path, thread_count=1)
+    dcp.save({"model": state_dict}, storage_writer=writer, no_dist=True)
+    checksums = dict(writer.checksums)
+    for name, data in (files or {}).items():
+        write_atomic(path / name, data)
+        checksums[name] = safe_dcp.file_sha256(path / name)
+    state = {"weights_only": True, "source": source, "checksums": checksums}
+    write_atomic(path / TRAINER_STATE, json.dumps(state, indent=1) + "\n")
     return path
 
 
-def read_model_weights(path: str | Path, template: dict[str, torch.Tensor]) -> None:
-    """Fill `template` (plain tensors of the right shapes) from a checkpoint, in one process."""
-    verify_checkpoint(Path(path), "checkpoint")
+def read_model_weights(path: str | Path, template: dict[str, torch.Tensor], *,
+                       verify: bool = True, bypass: str = "") -> None:
+    """Fill `template` (plain tensors of the right shapes) from a verified checkpoint, in one
+    process; see verify_checkpoint for `verify` and `bypass`."""
+    verify_checkpoint(Path(path), "checkpoint", verify=verify, bypass=bypass)
     try:
         safe_dcp.load({"model": template}, path, no_dist=True)
     except (Exception, CheckpointException) as e:
