@@ -3,7 +3,9 @@
 import gzip
 import hashlib
 import json
+import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -683,3 +685,36 @@ def test_merge_names_missing_parts_and_bad_part_arguments_are_one_line(tmp_path,
         f"'{tmp_path / 'nothing' / 'parts'}'; run prepare --part I/N first",
     ]
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_merge_refuses_parts_that_ran_while_the_corpus_changed(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(3)
+    for i in range(6):
+        (corpus / f"f{i}.txt").write_text(make_doc(rng, 200))
+    out = str(tmp_path / "out")
+    common = ["--input", str(corpus), "--out", out, "--vocab-size", "300", "--workers", "1"]
+    assert main(["prepare", *common, "--part", "0/2"]) == 0
+    # The corpus grows at its end between the two tasks: part 1 cuts its range further on.
+    (corpus / "f5.txt").write_text(make_doc(rng, 200) * 8)
+    assert main(["prepare", *common, "--part", "1/2"]) == 0
+    capsys.readouterr()
+    assert main(["prepare", "--merge", out]) == 2
+    gap = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: --merge='{out}': part-00001-of-00002 covers files (\d)-6 of 6 "
+                        r"and leaves files (\d)-\1 out after part-00000-of-00002: the parts ran "
+                        r"while the corpus changed; rerun every part \(prepare --part I/2\)",
+                        gap), gap
+    # Rerun part 0: the ranges tile, until a file a part read is changed in place.
+    assert main(["prepare", *common, "--part", "0/2"]) == 0
+    assert main(["prepare", "--merge", out]) == 0
+    size, seen = (corpus / "f0.txt").stat().st_size, (corpus / "f0.txt").stat().st_mtime_ns
+    (corpus / "f0.txt").write_text("x" * size)
+    os.utime(corpus / "f0.txt", ns=(1, 1))
+    capsys.readouterr()
+    assert main(["prepare", "--merge", out]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --merge='{out}': part-00000-of-00002 read {corpus / 'f0.txt'}, which had "
+        f"{size} bytes (mtime_ns {seen}) and now has {size} (mtime_ns 1): the corpus changed "
+        "after that part ran; rerun it (prepare --part 0/2)")
