@@ -375,6 +375,32 @@ def test_a_truncated_shard_is_an_error_naming_it_not_a_smaller_dataset(tmp_path,
         load_dataset(out, DataConfig(), seq_len=16)
 
 
+def test_a_shard_truncated_in_place_while_open_is_one_line_not_sigbus(tmp_path, prepared):
+    """In a process of its own: were the check missing, the read would kill it with SIGBUS."""
+    _, first, _ = prepared
+    out = copy_prepared(first, tmp_path / "p")
+    shard = out / "train_000000.bin"
+    script = ("import os, sys\n"
+              "from llamatrain.config import DataConfig\n"
+              "from llamatrain.data.datasets import load_dataset\n"
+              f"ds = load_dataset({str(out)!r}, DataConfig(), seq_len=16)\n"
+              "ds.get_batch([0])\n"
+              f"os.truncate({str(shard)!r}, 4096)\n"
+              "try:\n"
+              "    ds.get_batch([len(ds) - 1])\n"
+              "except ValueError as e:\n"
+              "    sys.exit(f'error: {e}')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    size = len(np.fromfile(first / "train_000000.bin", dtype=np.uint8))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        f"error: dataset: shard '{shard}' now has 4096 bytes, {size} when the run opened it: it "
+        "was truncated or replaced while the run read it; a prepared source must not change "
+        "under a run: restore it (or prepare the source again into a new directory), then start "
+        "the run again (it resumes from its last checkpoint)")
+
+
 def test_a_token_id_beyond_the_vocabulary_names_the_shard_and_position(tmp_path, prepared):
     _, first, _ = prepared
     out = copy_prepared(first, tmp_path / "p")
