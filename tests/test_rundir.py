@@ -91,7 +91,7 @@ def test_a_new_empty_or_own_unsaved_directory_is_accepted(tmp_path):
     (own / "checkpoints/.tmp-step-4").mkdir(parents=True)
     (own / "config.toml").write_text(to_toml(tiny_config(own, **{"train.steps": 20})))
     for name in ("metrics.jsonl", "tokenizer.model", "requeue", ".flock", "LOCK.stale-n1-7",
-                 ".metrics.jsonl.123"):
+                 ".metrics.jsonl.123", ".requeue-77"):
         (own / name).write_text("")
     check_usable(own, cfg)
     # A run directory with checkpoints: the resume decides (checkpoint.dcp's identity check).

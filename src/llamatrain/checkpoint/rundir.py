@@ -8,6 +8,7 @@ metrics logger, `convert` and `evaluate` ask this module instead of spelling the
       metrics.jsonl  config.toml  tokenizer.model  report.json  report.md  loss.png
       requeue                 left by a stop for requeue (step and reason)
       LOCK  .flock            the run lock (checkpoint.runlock)
+      .requeue-<job>/         launch/pretrain.sbatch's markers of a stop for requeue
       profile/  tensorboard/  when metrics.profile_steps / metrics.tensorboard ask for them
 
 A run directory is untrusted input, and everything a run writes stays inside it: the file
@@ -49,6 +50,8 @@ LOCK = "LOCK"
 FLOCK = ".flock"
 PROFILE = "profile"
 TENSORBOARD = "tensorboard"
+# launch/pretrain.sbatch's per-job directory of "saved on request" markers (.requeue-<job id>).
+REQUEUE_DIR_PREFIX = ".requeue-"
 
 
 @dataclass(frozen=True)
@@ -287,7 +290,7 @@ def _system_dir(path: Path) -> str | None:
 def _ours(name: str) -> bool:
     """Whether an entry of run.dir is one a run writes before its first checkpoint (its temporary
     files included)."""
-    return (name in _LEFTOVERS or name.startswith(f"{LOCK}.stale-")
+    return (name in _LEFTOVERS or name.startswith((f"{LOCK}.stale-", REQUEUE_DIR_PREFIX))
             or any(name.startswith(f".{n}.") for n in FILES))
 
 
