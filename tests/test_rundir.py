@@ -90,6 +90,7 @@ def test_a_new_empty_or_own_unsaved_directory_is_accepted(tmp_path):
     own = tmp_path / "own"
     (own / "checkpoints/.tmp-step-4").mkdir(parents=True)
     (own / "config.toml").write_text(to_toml(tiny_config(own, **{"train.steps": 20})))
+    (own / "nccl_trace").mkdir()
     for name in ("metrics.jsonl", "tokenizer.model", "requeue", ".flock", "LOCK.stale-n1-7",
                  ".metrics.jsonl.123", ".requeue-77"):
         (own / name).write_text("")
@@ -105,7 +106,9 @@ def test_a_new_empty_or_own_unsaved_directory_is_accepted(tmp_path):
     ("/etc/llamatrain", "is inside the system directory /etc"),
     ("~", "is your home directory"),
 ])
-def test_a_system_directory_is_refused(path, what):
+def test_a_system_directory_is_refused(path, what, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    (tmp_path / "me").mkdir()
     path = Path(path).expanduser()
     with pytest.raises(RunDirRefused, match=rf"^run.dir = '{path}' {what}; a run writes "
                        r"checkpoints, metrics and its config into run.dir: choose a directory "

@@ -9,6 +9,7 @@ metrics logger, `convert` and `evaluate` ask this module instead of spelling the
       requeue                 left by a stop for requeue (step and reason)
       LOCK  .flock            the run lock (checkpoint.runlock)
       .requeue-<job>/         launch/pretrain.sbatch's markers of a stop for requeue
+      nccl_trace/             launch/fabric.sh's NCCL flight recorder dumps
       profile/  tensorboard/  when metrics.profile_steps / metrics.tensorboard ask for them
 
 A run directory is untrusted input, and everything a run writes stays inside it: the file
@@ -52,6 +53,8 @@ PROFILE = "profile"
 TENSORBOARD = "tensorboard"
 # launch/pretrain.sbatch's per-job directory of "saved on request" markers (.requeue-<job id>).
 REQUEUE_DIR_PREFIX = ".requeue-"
+# launch/fabric.sh's directory for the NCCL flight recorder's dumps, made before the run starts.
+NCCL_TRACE = "nccl_trace"
 
 
 @dataclass(frozen=True)
@@ -259,8 +262,8 @@ SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
 FILES = (METRICS, CONFIG, TOKENIZER, REPORT_JSON, REPORT_MD, LOSS_PLOT, REQUEUE, LOCK, FLOCK)
 DIRS = (CHECKPOINTS, PROFILE, TENSORBOARD)
 # What a run leaves before its first checkpoint: an attempt that stopped there starts over.
-_LEFTOVERS = (CHECKPOINTS, PROFILE, TENSORBOARD, "wandb", METRICS, CONFIG, TOKENIZER, REQUEUE,
-              LOCK, FLOCK)
+_LEFTOVERS = (CHECKPOINTS, PROFILE, TENSORBOARD, "wandb", NCCL_TRACE, METRICS, CONFIG, TOKENIZER,
+              REQUEUE, LOCK, FLOCK)
 # What only a run that went to its end writes (after its last checkpoint).
 _FINISHED = (REPORT_JSON, REPORT_MD, LOSS_PLOT)
 
