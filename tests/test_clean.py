@@ -431,9 +431,22 @@ def test_a_slurm_array_of_two_tasks_equals_a_one_process_clean(planted, cleaned,
                          timeout=60, job_id=job, log=log)
         chain = [int(j) for j in (out / "work" / "chain").read_text().split()]
         assert len(chain) == 6  # exact, minhash signatures, buckets, cluster, write, report
-        info = cluster.wait_done(chain[-1], timeout=240, log=tmp_path / f"clean-{chain[-1]}_0.out")
-        assert info["JobState"] == "COMPLETED", (tmp_path / f"clean-{chain[-1]}_0.out")
-        text = "".join(p.read_text() for p in sorted(tmp_path.glob("clean-*.out")))
+
+        def logs() -> str:
+            return "".join(f"== {p.name}\n{p.read_text()}"
+                           for p in sorted(tmp_path.glob("clean-*.out")))
+
+        def finished() -> bool:
+            states = [dict(f.split("=", 1) for f in line.split() if "=" in f)
+                      for j in (job, *chain) for line in
+                      cluster.run("scontrol", "-o", "show", "job", str(j)).stdout.splitlines()]
+            bad = [s for s in states if s["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT")
+                   or s["Reason"] == "DependencyNeverSatisfied"]
+            assert not bad, f"{bad[0]['JobId']} {bad[0]['JobState']}\n{logs()[-4000:]}"
+            return states[-1]["JobState"] == "COMPLETED"
+
+        cluster.wait_for("the report job", finished, timeout=240)
+        text = logs()
         assert f"all stages done: {out} is cleaned" in text, text[-3000:]
         assert "| - exact duplicates | 10 |" in text
     finally:

@@ -32,7 +32,7 @@ from llamatrain.data.prepare import (
     build,
     publish,
 )
-from llamatrain.data.readers import STDLIB, collect_files
+from llamatrain.data.readers import CLEAN_REPORT, STDLIB, collect_files
 
 
 def prepare_dir(
@@ -99,8 +99,6 @@ def _clean_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--verbose", action="store_true", help="datatrove's log on stderr too")
     c.add_argument("--stage", choices=STAGES_HELP, help="run one stage's task (--task I/N)")
     c.add_argument("--task", metavar="I/N", help="task I (0-based) of the stage's N")
-    c.add_argument("--print-stages", type=int, metavar="N",
-                   help="print each stage and its task count for N filter tasks, and exit")
 
 
 # The stages of data/clean.py, here so that --help works without datatrove installed.
@@ -130,11 +128,6 @@ def clean_main(args: argparse.Namespace) -> int:
         "output_format": args.output_format, "samples": args.samples,
     }
     opts = clean.CleanOptions(**{k: v for k, v in given.items() if v is not None})
-    if args.print_stages is not None:
-        opts.validate()
-        for stage, n in clean.stages(opts, args.print_stages):
-            print(stage, n)
-        return 0
     if not args.input or args.out is None:
         raise ValueError("--input and --out: required")
     out = args.out.expanduser()
@@ -143,6 +136,7 @@ def clean_main(args: argparse.Namespace) -> int:
             raise ValueError("--task I/N needs --stage")
         report = clean.clean(args.input, out, opts, overwrite=args.overwrite,
                              verbose=args.verbose)
+        _print_skipped(report["in"]["skipped"], CLEAN_REPORT)
         print(clean.format_report(report, out))
         return 0
     if not args.task:
@@ -157,6 +151,7 @@ def clean_main(args: argparse.Namespace) -> int:
         clean.check_plan(out, clean.make_plan(args.input, opts, clean.load_plan(out)["tasks"]))
     report = clean.run_stage(out, args.stage, task, num_tasks, verbose=args.verbose)
     if report is not None:
+        _print_skipped(report["in"]["skipped"], CLEAN_REPORT)
         print(clean.format_report(report, out))
     else:
         print(f"{out}: {args.stage} task {task}/{num_tasks} done")
@@ -234,12 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _print_skipped(skipped: list[dict], where: str) -> None:
+    for s in skipped[:20]:
+        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    if len(skipped) > 20:
+        print(f"... and {len(skipped) - 20} more (see {where})", file=sys.stderr)
+
+
 def _print_summary(out: Path, meta: dict) -> None:
     bad = [s for s in meta["skipped"] if s["reason"] != EMPTY]
-    for s in bad[:20]:
-        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
-    if len(bad) > 20:
-        print(f"... and {len(bad) - 20} more (see meta.json)", file=sys.stderr)
+    _print_skipped(bad, "meta.json")
     if len(meta["skipped"]) > len(bad):
         print(f"skipped {len(meta['skipped']) - len(bad)} empty files", file=sys.stderr)
     sp = meta["splits"]

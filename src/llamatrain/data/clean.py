@@ -287,12 +287,17 @@ def start(out: Path, plan: dict[str, Any], *, overwrite: bool = False) -> None:
     if path.is_file():
         check_plan(out, plan)
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # work/ alone may be there already: made by another task starting at the same time.
+    if out.exists() and (not out.is_dir() or set(os.listdir(out)) - {WORK}):
         raise ValueError(f"--out={str(out)!r} exists and is not empty; pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".plan.json.tmp-{socket.gethostname()}-{os.getpid()}")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(tmp, path)  # tasks starting together write the same plan
+    # Tasks starting together write the same files. work/stages is for launch/clean.sbatch.
+    listing = "".join(f"{stage} {n}\n" for stage, n in stages(options_from_plan(plan),
+                                                                plan["tasks"]))
+    for name, text in (("stages", listing), ("plan.json", json.dumps(plan, indent=1) + "\n")):
+        tmp = path.with_name(f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path.with_name(name))
 
 
 def load_plan(out: Path) -> dict[str, Any]:
@@ -997,7 +1002,7 @@ def format_report(report: dict[str, Any], out: Path) -> str:
     lines = [f"{out}: cleaned {report['in']['files']:,} files in {report['tasks']} task(s)",
              "| step | documents | of input | text | detail |", "| --- | --- | --- | --- | --- |",
              row("in", report["in"]["documents"], report["in"]["bytes"],
-                 f"{len(skipped)} files skipped" if skipped else "")]
+                 f"{len(skipped)} file{'s' * (len(skipped) != 1)} skipped" if skipped else "")]
     for s in report["steps"]:
         detail = ", ".join(f"{k} {v:,}" for k, v in list(s["reasons"].items())[:6])
         if s["step"] == "site":
