@@ -25,6 +25,7 @@ from conftest import REPO, run_train, tiny_args
 from slurm_cluster import LAUNCH, start_cluster, stop_cluster
 
 from llamatrain.data import clean as cl
+from llamatrain.data import readers
 from llamatrain.data.__main__ import main as data_main
 from llamatrain.data.__main__ import prepare_dir
 from llamatrain.data.prepare import PrepareOptions
@@ -518,3 +519,19 @@ def test_readme_states_the_minhash_parameters_and_what_they_remove():
     assert math.isclose(cl.removal_probability(s50, bands=14, rows=8), 0.5)
     assert (cl.MINHASH_NGRAMS, cl.MINHASH_BANDS, cl.MINHASH_ROWS) == (5, 14, 8)
     assert f"Jaccard similarity {s50:.2f} with probability 50%, {s90:.2f} with 90%" in readme
+
+
+def test_a_file_too_big_to_hold_is_checked_whole_before_any_record_is_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(cl, "HOLD_BYTES", 100)
+    monkeypatch.setattr(readers, "TASK_BYTES", 64)  # many pieces per file
+    lines = [json.dumps({"text": f"document {i}", "n": i}) for i in range(50)]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("\n".join(lines) + "\n")
+    bad.write_text("\n".join(lines) + "\n{oops\n")
+    records = [r for r, _ in cl._file_records(good, 0, ("text",))]
+    assert records == [{"text": f"document {i}", "n": i} for i in range(50)]
+    with pytest.raises(readers.DocumentError, match="line 51: invalid JSON"):
+        next(cl._file_records(bad, 0, ("text",)))
+    long = tmp_path / "long.txt"
+    long.write_text("A line of a long text document.\n" * 40)
+    assert [r for r, _ in cl._file_records(long, 0, ("text",))] == [{"text": long.read_text()}]
