@@ -34,12 +34,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from llamatrain.checkpoint.rundir import FAILURES, append_text, read_text, write_atomic
+
 REQUEUE_EXIT_CODE = 75
 # Exit codes that a requeue would only repeat: the configuration or run directory (2), a streak of
 # non-finite losses (3), a full disk (4), an interrupt by the user (130).
 NEVER_REQUEUE = {2: "configuration or run directory", 3: "too many non-finite steps",
                  4: "disk full", 130: "interrupted"}
-FAILURES_FILE = "failures.jsonl"
 ENV_DIR = "LLAMATRAIN_REQUEUE_DIR"
 # gloo's words for a peer that went away, or a collective that waited past its timeout.
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Socket closed",
@@ -95,10 +96,8 @@ def record_exit(code: int, reason: str) -> None:
     path = Path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".rank-{rank}.{os.getpid()}"
-        tmp.write_text(json.dumps(asdict(record)) + "\n")
-        os.replace(tmp, path / f"rank-{rank}")
-    except OSError as e:  # the record is advice to the launcher; never fail an exit over it
+        write_atomic(path / f"rank-{rank}", json.dumps(asdict(record)) + "\n")
+    except (OSError, ValueError) as e:  # advice to the launcher: never fail an exit over it
         print(f"rank {rank}: could not leave the exit record in {directory}: {e}",
               file=sys.stderr, flush=True)
 
@@ -109,7 +108,7 @@ def read_node_codes(directory: Path) -> dict[str, int]:
     codes = {}
     for path in directory.glob("node-*"):
         try:
-            codes[path.name.removeprefix("node-")] = int(path.read_bytes()[:16])
+            codes[path.name.removeprefix("node-")] = int(read_text(path, limit=16))
         except (OSError, ValueError):
             continue
     return codes
@@ -120,7 +119,7 @@ def read_records(directory: Path) -> dict[int, ExitRecord]:
     records = {}
     for path in directory.glob("rank-*"):
         try:
-            raw = json.loads(path.read_bytes()[:4096])
+            raw = json.loads(read_text(path, limit=4096))
             record = ExitRecord(**{k: raw[k] for k in ExitRecord.__dataclass_fields__})
         except (OSError, ValueError, TypeError, KeyError):
             continue
@@ -208,11 +207,11 @@ def failures_of_job(run_dir: Path, job: str) -> int:
 
 def read_failures(run_dir: Path) -> list[dict[str, Any]]:
     """The failures pretrain.sbatch recorded for this run directory (bad lines are skipped)."""
-    path = Path(run_dir) / FAILURES_FILE
+    path = Path(run_dir) / FAILURES
     if not path.is_file() or path.is_symlink():
         return []
     out = []
-    for line in path.read_text(errors="replace").splitlines()[-1000:]:
+    for line in read_text(path, limit=1 << 22).splitlines()[-1000:]:
         try:
             entry = json.loads(line)
         except ValueError:
@@ -236,10 +235,7 @@ def _verdict_cli(args: argparse.Namespace) -> int:
                  "srun_exit": args.srun_exit, "action": verdict.action,
                  "ranks": [asdict(r) for r in sorted(records.values(), key=lambda r: r.rank)]}
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / FAILURES_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                     | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_text(run_dir / FAILURES, json.dumps(entry) + "\n")
     print(verdict.line())
     return 0
 

@@ -37,9 +37,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llamatrain.checkpoint.rundir import HANG, make_dir, read_text, write_atomic, write_with
 from llamatrain.requeue import REQUEUE_EXIT_CODE, node_name, record_exit
 
-HANG_DIR = "hang"
 FIRED = "fired"
 AUTO_FACTOR = 10
 AUTO_MIN_S = 300.0
@@ -91,7 +91,7 @@ def describe(summary: dict[str, Any]) -> str:
         also = ", ".join(map(str, summary["tied"]))
         return (f"hang: rank {summary['rank']} ({summary['host']}{gpu}) stopped first {where}, "
                 f"with rank(s) {also} at the same point (the flight recorder in "
-                f"{HANG_DIR}/nccl_trace tells which one a collective waited for)")
+                f"{HANG}/nccl_trace tells which one a collective waited for)")
     reached = summary["others_reached"]
     others = f"; the others reached {reached}" if reached else ""
     return f"hang: rank {summary['rank']} ({summary['host']}{gpu}) stopped first {where}{others}"
@@ -103,7 +103,8 @@ class Watchdog:
     def __init__(self, run_dir: str | Path, *, rank: int, world_size: int, gpu: int | None,
                  timeout_s: float, on_fire: Callable[[int, str], None],
                  flight_recorder: bool, log: Callable[[str], None] = print):
-        self.dir = Path(run_dir) / HANG_DIR
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / HANG
         self.rank, self.world_size, self.gpu = rank, world_size, gpu
         self.host = node_name()
         self.fixed_timeout_s = timeout_s  # 0: auto
@@ -198,22 +199,23 @@ class Watchdog:
     def _fire(self, idle: float, timeout: float) -> None:
         self.fired = True
         step, marks, phase, wall, _ = self._state
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
         stacks = self.dir / f"stacks-rank-{self.rank}.txt"
-        tmp = stacks.with_name(f".{stacks.name}.{os.getpid()}")
-        with tmp.open("w") as f:
-            f.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: no progress for "
-                    f"{idle:.1f} s at step {step} after {phase}\n\n")
-            f.flush()
-            faulthandler.dump_traceback(f, all_threads=True)
-        os.replace(tmp, stacks)  # a link planted at the name is replaced, never written through
+
+        def dump(tmp: Path) -> None:
+            with tmp.open("w") as f:
+                f.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: no progress for "
+                        f"{idle:.1f} s at step {step} after {phase}\n\n")
+                f.flush()
+                faulthandler.dump_traceback(f, all_threads=True)
+
+        write_with(stacks, dump)
         record = {"rank": self.rank, "host": self.host, "gpu": self.gpu, "pid": os.getpid(),
                   "step": step, "mark": marks, "phase": phase, "progress_time": wall,
                   "idle_s": idle, "timeout_s": timeout, "fired_at": time.time(),
                   "nccl_trace": self._dump_flight_recorder()}
-        _write_atomic(self.dir / f"rank-{self.rank}.json", json.dumps(record, indent=1) + "\n")
-        os.close(os.open(self.dir / FIRED, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
-        os.utime(self.dir / FIRED, follow_symlinks=False)
+        write_atomic(self.dir / f"rank-{self.rank}.json", json.dumps(record, indent=1) + "\n")
+        write_atomic(self.dir / FIRED, f"{self.rank}\n")
         print(f"rank {self.rank} ({self.host}): no progress for {idle:.0f} s (hang timeout "
               f"{timeout:.0f} s) at step {step} after {phase}; stacks in {stacks}",
               file=sys.stderr, flush=True)
@@ -222,7 +224,7 @@ class Watchdog:
         if self.rank == 0:
             self.log(f"{line}; records and stacks in {self.dir}; exiting {REQUEUE_EXIT_CODE} "
                      "for a requeue")
-            _write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+            write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         self.on_fire(step, line)
         record_exit(REQUEUE_EXIT_CODE, "hang")
 
@@ -234,7 +236,7 @@ class Watchdog:
             records = []
             for path in self.dir.glob("rank-*.json"):
                 with contextlib.suppress(OSError, ValueError):
-                    r = json.loads(path.read_text())
+                    r = json.loads(read_text(path, limit=65536))
                     if isinstance(r, dict) and r.get("fired_at", 0) >= self._started - 1:
                         records.append(r)
             if len(records) >= self.world_size or time.monotonic() > deadline:
@@ -255,30 +257,22 @@ class Watchdog:
             data = dump()
         except Exception as e:  # a diagnostic: report its failure, never fail the exit
             return f"dump failed: {type(e).__name__}: {e}"
-        path = self.dir / "nccl_trace" / f"rank_{self.rank}"
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        path = make_dir(self.dir / "nccl_trace") / f"rank_{self.rank}"
+        write_atomic(path, data)
         return str(path)
 
 
 def set_aside(run_dir: str | Path) -> Path | None:
     """Rank 0 at the start of an attempt: a previous hang's directory becomes hang.<time>/."""
-    old = Path(run_dir) / HANG_DIR
+    old = Path(run_dir) / HANG
     if not old.is_dir() or old.is_symlink():
         return None
     stamp = int(old.stat().st_mtime)
-    target = old.with_name(f"{HANG_DIR}.{stamp}")
+    target = old.with_name(f"{HANG}.{stamp}")
     n = 1
     while target.exists():
         n += 1
-        target = old.with_name(f"{HANG_DIR}.{stamp}-{n}")
+        target = old.with_name(f"{HANG}.{stamp}-{n}")
     os.replace(old, target)
     return target
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
