@@ -84,8 +84,9 @@ class TrainConfig:
     deterministic: bool = _f(False, "Use deterministic algorithms (bit-identical reruns).")
     float8: str = _f(
         "none", "none, tensorwise or rowwise: the block linears' matmuls in float8 through "
-        "torchao (the float8 extra; a GPU of sm_89 or newer, emulated on CPU; meant with "
-        "parallel.compile = true); weights and checkpoints stay as they are.",
+        "torchao (the float8 extra; GPUs of sm_89 and newer, emulated on CPU). Meant with "
+        "parallel.compile = true: without it every cast is a kernel of its own and a step is "
+        "usually slower than bf16's. Checkpoints stay as they are.",
     )  # fmt: skip
 
 

@@ -43,7 +43,7 @@ from typing import Any
 from llamatrain.config import Config, load_config, run_cli, validate
 from llamatrain.distributed.float8 import check_device
 from llamatrain.distributed.parallel_dims import ParallelDims, batch_geometry
-from llamatrain.flops import flops_per_token, float8_flops_per_token, float8_params, num_params
+from llamatrain.flops import float8_flops_per_token, float8_params, flops_per_token, num_params
 from llamatrain.hardware import BY_KEY, GPU, gpu, peak_flops
 
 GIB = 2**30
@@ -344,10 +344,11 @@ def step_model(
 
     Compute: the step's tokens over num_gpus GPUs, each at peak_seconds_per_token / mfu (bf16's
     peak, and fp8's for the converted linears under train.float8). FSDP, per step: every GPU
-    all-gathers its tp-slice of the parameters (gathered_bytes) twice (forward, backward) and reduce-scatters the gradients within its dp_shard group; with
-    replicas (HSDP) it all-reduces its gradient shard across them. A ring inside one node runs
-    over NVLink; a ring across nodes moves, per node, what its GPUs send, spread over the node's
-    NICs (tp rings per node share them); replica all-reduces go over NCCL's tree. They overlap
+    all-gathers its tp-slice of the parameters (gathered_bytes) twice (forward, backward) and
+    reduce-scatters the gradients within its dp_shard group; with replicas (HSDP) it
+    all-reduces its gradient shard across them. A ring inside one node runs over NVLink; a ring
+    across nodes moves, per node, what its GPUs send, spread over the node's NICs (tp rings per
+    node share them); replica all-reduces go over NCCL's tree. They overlap
     with compute through prefetching, except the first unit's all-gather and the last unit's
     reductions. Tensor parallelism, per block and micro-batch: forward all-gathers the sequence
     before attention and the FFN and reduce-scatters after them, backward the reverse, and full

@@ -187,7 +187,8 @@ class Float8:
         readers = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
         for name, split in BLOCK_LINEARS.items():
             if isinstance(block.get_submodule(name), Float8Linear):
-                styles[name] = Float8ColwiseParallel if split == "colwise" else Float8RowwiseParallel
+                styles[name] = (Float8ColwiseParallel if split == "colwise"
+                                else Float8RowwiseParallel)
         for parent, children in readers.items():
             if all(f"{parent}.{c}" in styles for c in children):
                 styles[parent] = PrepareFloat8ModuleInput

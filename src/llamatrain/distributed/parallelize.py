@@ -61,7 +61,7 @@ def apply_tp(model: Transformer, mesh: DeviceMesh, float8: Float8 | None = None)
     for block in model.layers:
         styles = float8.tp_styles(block) if float8 is not None else {}
 
-        def style(name: str, plain: type, **kwargs):
+        def style(name: str, plain: type, styles=styles, **kwargs):
             return styles.get(name, plain)(**kwargs)
 
         parallelize_module(block, mesh, {
