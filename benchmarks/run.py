@@ -311,6 +311,8 @@ def float8_markdown(float8: dict[str, Any] | None) -> list[str]:
     lines = ["## Float8 training", ""]
     if "skipped" in float8:
         return lines + [f"Skipped: {float8['skipped']}.", ""]
+    if "error" in float8:
+        return lines + [f"Failed: {float8['error']}.", ""]
     lines += [f"bf16 and torchao's float8 recipes, each with `parallel.compile`, "
               f"{float8['steps']} steps from the same seed; tokens/s is the median step, loss "
               "the last step's, MFU against the bf16 peak.", ""]

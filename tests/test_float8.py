@@ -327,6 +327,7 @@ def test_the_bench_float8_row_is_skipped_on_a_cpu_with_its_reason_and_renders_on
     assert run.float8_markdown(skipped) == [
         "## Float8 training", "", f"Skipped: {skipped['skipped']}.", ""]
     assert train.format_float8(skipped) == [f"float8: skipped: {skipped['skipped']}"]
+    assert run.float8_markdown({"error": "RuntimeError: boom"})[2] == "Failed: RuntimeError: boom."
     rows = {"steps": 10, "compiled": True, "rows": [
         {"float8": "none", "tokens_per_s_per_device": 1000.0, "vs_bf16": 1.0, "loss": 4.5,
          "mfu": 0.4},
