@@ -13,7 +13,9 @@ reproduces every row within 0.02%. It equals the US-average 0.385 kg/kWh times a
 method of the LLaMA 1 paper; Table 2's caption says its power is already "adjusted for power usage
 efficiency", so `carbon.pue` defaults to 1.0 and the PUE lives in the factor.
 
-CLI: `python -m llamatrain.carbon estimate ...` and `python -m llamatrain.carbon project ...`.
+CLI: `python -m llamatrain.carbon estimate ...` and `python -m llamatrain.carbon project ...`;
+`project` takes the config's `--section.key=value` overrides, `--train.float8` included (the
+converted linears at the device's fp8 peak, plan.peak_seconds_per_token; MFU stays against bf16's).
 """
 
 from __future__ import annotations
