@@ -2,6 +2,8 @@
 
 from setuptools import setup
 
+CLEAN = ["datatrove>=0.10.1,<0.11", "nltk>=3.9", "regex", "tldextract>=5.3", "xxhash>=3,<4"]
+
 setup(
     name="llamatrain",
     version="0.1.0",
@@ -21,7 +23,12 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.40", "safetensors>=0.4",
-                "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26", "torchao>=0.18"],
+                "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26", *CLEAN,
+                "torchao>=0.18"],
+        # `python -m llamatrain.data clean` (§2.1): datatrove's core and, of its "processing"
+        # extra, only what its quality filters, MinHash and the site filter import (not its
+        # fastText, spaCy, trafilatura, ...); datatrove hashes str, which xxhash 4 refuses.
+        "clean": CLEAN,
         # train.float8 (tensorwise or rowwise): torchao's float8 training, a 3.4 MB wheel with
         # no dependencies; 0.18.0 is what the tests run (CPU emulation).
         "float8": ["torchao>=0.18"],
