@@ -16,14 +16,18 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import REPO, losses
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard
 
-from llamatrain import carbon, plan
+from llamatrain import carbon, ops, plan
 from llamatrain.checkpoint.safe_dcp import read_metadata
 from llamatrain.config import Config, ModelConfig, TrainConfig, load_config
 from llamatrain.convert import checkpoint_to_state_dict
 from llamatrain.distributed import float8 as f8
+from llamatrain.distributed.parallelize import apply_tp, materialize
 from llamatrain.flops import float8_flops_per_token, float8_params, flops_per_token
 from llamatrain.hardware import GPUS, gpu, has_fp8, peak_flops
+from llamatrain.loss import loss_context, sequence_loss
 from llamatrain.model import Transformer
 
 f8.Float8.for_run("tensorwise", torch.device("cpu"))  # torchao ([dev]), without its CPU notices
@@ -88,15 +92,40 @@ def test_tensorwise_on_cuda_takes_torchaos_float8_tp_styles_where_every_reader_c
     cuda = f8.Float8("tensorwise", emulate=False)
     cuda.convert(model, tp=2, dp_shard=4)
     assert cuda.fsdp_float8_all_gather
-    assert cuda.tp_styles(model.layers[0]) == {
+    styles = cuda.tp_styles(model.layers[0])
+    assert {k: v for k, v in styles.items() if k != "attention"} == {
         "attention.wq": Float8ColwiseParallel, "attention.wk": Float8ColwiseParallel,
-        "attention.wv": Float8ColwiseParallel, "attention.wo": Float8RowwiseParallel,
-        "attention": PrepareFloat8ModuleInput}
+        "attention.wv": Float8ColwiseParallel, "attention.wo": Float8RowwiseParallel}
+    prepare = styles["attention"](input_layouts=(Shard(1), None, None), use_local_output=True,
+                                  desired_input_layouts=(Replicate(), None, None))
+    assert isinstance(prepare, PrepareFloat8ModuleInput)
+    assert not prepare.use_local_output  # a DTensor into the float8 linears, as torchtitan
     # Gloo has no float8 dtype, and rowwise gathers in bf16: the plain styles.
     assert f8.Float8("tensorwise", emulate=True).tp_styles(model.layers[0]) == {}
     rowwise = f8.Float8("rowwise", emulate=False)
     rowwise.convert(model, tp=2, dp_shard=4)
     assert not rowwise.fsdp_float8_all_gather and rowwise.tp_styles(model.layers[0]) == {}
+
+
+def test_the_float8_tp_styles_carry_a_forward_and_backward_through_the_blocks():
+    # Gloo cannot move float8, torch's fake backend moves nothing at all: the numbers mean
+    # nothing here, the float8 DTensors' path through attention and the feed-forward is checked.
+    ops.set_backend("torch")
+    with plan.fake_world(2):
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        with torch.device("meta"):
+            model = Transformer(ALIGNED)
+        float8 = f8.Float8("tensorwise", emulate=True)
+        float8.convert(model, tp=2, dp_shard=1)
+        float8.emulate = False  # the styles of a CUDA run, on emulated matmuls
+        assert len(float8.tp_styles(model.layers[0])) == 9
+        apply_tp(model, mesh, float8)
+        materialize(model, torch.device("cpu"), seed=0)
+        tokens = torch.randint(0, ALIGNED.vocab_size, (2, 64))
+        with loss_context(mesh):
+            sequence_loss(model(tokens), tokens).backward()
+    wq = model.layers[0].attention.wq
+    assert isinstance(wq, Float8Linear) and wq.weight.grad.to_local().shape == (64, 128)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -167,11 +167,11 @@ class Float8:
         self.converted = names
         return names
 
-    def tp_styles(self, block: nn.Module) -> dict[str, type]:
-        """The float8 TP styles that replace the plain ones of a block's plan (tensorwise only):
-        each converted linear's, and the input preparation of attention or the feed-forward when
-        every linear reading that input is converted (its input is then cast before the
-        all-gather, which moves float8)."""
+    def tp_styles(self, block: nn.Module) -> dict[str, Callable[..., object]]:
+        """The float8 TP styles that replace the plain ones of a block's plan (tensorwise only),
+        each built from the plain one's arguments: each converted linear's, and the input
+        preparation of attention or the feed-forward when every linear reading that input is
+        converted (its input is then cast before the all-gather, which moves float8)."""
         # Gloo has no float8 dtype: emulated (CPU) runs cast after the all-gather, as rowwise does,
         # with the same scales (the amax is the global one either way).
         if self.mode != "tensorwise" or self.emulate:
@@ -183,7 +183,12 @@ class Float8:
             PrepareFloat8ModuleInput,
         )
 
-        styles: dict[str, type] = {}
+        def prepare(**kwargs) -> PrepareFloat8ModuleInput:
+            # The float8 input stays a DTensor into the float8 linears, as torchtitan passes it
+            # (they accept one; their outputs are local tensors again).
+            return PrepareFloat8ModuleInput(**{**kwargs, "use_local_output": False})
+
+        styles: dict[str, Callable[..., object]] = {}
         readers = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
         for name, split in BLOCK_LINEARS.items():
             if isinstance(block.get_submodule(name), Float8Linear):
@@ -191,7 +196,7 @@ class Float8:
                                 else Float8RowwiseParallel)
         for parent, children in readers.items():
             if all(f"{parent}.{c}" in styles for c in children):
-                styles[parent] = PrepareFloat8ModuleInput
+                styles[parent] = prepare
         return styles
 
     def after_optimizer_step(self, model: nn.Module) -> None:

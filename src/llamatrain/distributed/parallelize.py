@@ -62,7 +62,7 @@ def apply_tp(model: Transformer, mesh: DeviceMesh, float8: Float8 | None = None)
         styles = float8.tp_styles(block) if float8 is not None else {}
 
         def style(name: str, plain: type, styles=styles, **kwargs):
-            return styles.get(name, plain)(**kwargs)
+            return styles.get(name, plain)(**kwargs)  # float8's from the same arguments
 
         parallelize_module(block, mesh, {
             "attention": style("attention", PrepareModuleInput, **gather),
