@@ -138,7 +138,7 @@ def main() -> int:
 ROOT = Path(__file__).resolve().parents[1]
 # Steps (warm-up, then measured): 10-20 measured after warm-up on the GPU, seconds' worth in
 # the rehearsal.
-STEPS = {"gpu": (3, 12), "rehearsal": (1, 2)}
+STEPS = {"gpu": (3, 10), "rehearsal": (1, 2)}
 # The rehearsal's model: every code path of the section in seconds on a CPU.
 REHEARSAL_MODEL = [
     "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",

@@ -683,3 +683,24 @@ def test_merge_names_missing_parts_and_bad_part_arguments_are_one_line(tmp_path,
         f"'{tmp_path / 'nothing' / 'parts'}'; run prepare --part I/N first",
     ]
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_without_zstandard_the_trainer_imports_and_zst_inputs_are_one_line(tmp_path):
+    # The GPU image has no zstandard: nothing but .zst inputs may need it.
+    (tmp_path / "a.txt").write_text("plain text\n")
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n'))
+    code = (
+        "import sys\n"
+        "sys.modules['zstandard'] = None  # import zstandard now raises ImportError\n"
+        "import llamatrain.train, llamatrain.data.cache\n"
+        "from llamatrain.data.readers import collect_files\n"
+        f"print(len(collect_files([{str(tmp_path / 'a.txt')!r}])))\n"
+        f"collect_files([{str(tmp_path)!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "1"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"ValueError: --input={str(tmp_path)!r}: 1 .zst file(s), e.g. "
+        f"{str(tmp_path / 'b.jsonl.zst')!r}, and the zstandard package is not installed "
+        "(pip install zstandard)")

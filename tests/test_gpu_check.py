@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
 SECTIONS = ["preflight", "injected_failure", "injected_overrun", "limits", "correctness",
-            "kernels", "train_triton", "train_torch", "loss_memory"]
+            "kernels", "loss_memory", "train_triton", "train_torch"]
 OPS = ["rms_norm", "add_rms_norm", "swiglu", "rotary", "attention", "attention_det",
        "cross_entropy", "linear_cross_entropy"]
 
@@ -209,7 +209,8 @@ def test_junit_and_recorded_errors_become_the_correctness_table(tmp_path):
     correctness = load("correctness")
     (tmp_path / "junit.xml").write_text(textwrap.dedent("""\
         <testsuites><testsuite>
-        <testcase classname="tests.test_kernel_rmsnorm" name="test_a[(4, 256)-bfloat16]" time="1.5"/>
+        <testcase classname="tests.test_kernel_rmsnorm" name="test_a[(4, 256)-bfloat16]"
+                  time="1.5"/>
         <testcase classname="tests.test_kernel_rmsnorm" name="test_a[(4, 256)-float32]" time="0.5">
           <failure message="AssertionError: grad of input 0: relative error 3.0e-04 > 1e-04">x
           </failure></testcase>
