@@ -13,9 +13,10 @@ TORCH_CPU ?= torch==2.13.0
 # answer. Recursive (=): only the targets that use it pay for importing torch.
 SYSTEM_CUDA = $(shell python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
                 >/dev/null 2>&1 && echo 1)
-# make gpu-check, make bench: the system's python3 on a GPU machine, else the project's venv (a
-# rehearsal; python3 where there is no venv).
+# make gpu-check: the system's python3 on a GPU machine, else the project's venv (a rehearsal;
+# python3 where there is no venv). make bench: the same on a GPU, else the venv, set up first.
 GPU_CHECK_PY = $(if $(SYSTEM_CUDA),python3,$(if $(wildcard $(PY)),$(PY),python3))
+BENCH_PY = $(if $(SYSTEM_CUDA),python3,$(PY))
 OUT ?= benchmarks/results
 PROFILE ?= 0
 # A second venv with the GPU image's torch 2.11, triton 3.6.0 and numpy (tests/
@@ -76,7 +77,7 @@ demo: setup
 
 bench:
 	$(if $(SYSTEM_CUDA),,$(MAKE) setup)
-	PYTHONPATH=src $(GPU_CHECK_PY) benchmarks/run.py $(if $(filter 1,$(PROFILE)),--profile,)
+	PYTHONPATH=src $(BENCH_PY) benchmarks/run.py $(if $(filter 1,$(PROFILE)),--profile,)
 
 cluster-up: system-deps
 	launch/local-cluster up

@@ -173,7 +173,8 @@ def training_section(results: dict[str, Any]) -> list[str]:
               f"{first['steps']} steps of which the first {first['warmup_steps']} are warm-up.",
               ""]
     header = ["", *(f"kernels.backend = {b}" for b in runs)]
-    def row(label: str, key: str, fmt=_fmt) -> list[str]:  # noqa: E306
+
+    def row(label: str, key: str, fmt=_fmt) -> list[str]:
         return [label, *(fmt(r[key]) if r else "-" for r in runs.values())]
 
     lines += _table(header, [
