@@ -4,6 +4,7 @@ implementation that fails is not chosen. Timed on a CPU with injected timers."""
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def torch_backend_afterwards():
 
 
 def config(*overrides: str):
-    return load_config("configs/tiny.toml", [*TINY, *overrides])
+    return load_config(Path(__file__).parents[1] / "configs/tiny.toml", [*TINY, *overrides])
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
