@@ -132,7 +132,11 @@ class ParallelConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = _f("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch.")
+    backend: str = _f(
+        "auto", "auto (on CUDA each op the faster of its Triton kernel and PyTorch, timed at "
+        "startup on the run's shapes; the kernels untimed with train.deterministic; PyTorch on "
+        "CPU), triton or torch.",
+    )  # fmt: skip
     attention_backward: str = _f(
         "atomic", "Triton attention backward: atomic (dQ summed with fp32 atomics in the dK/dV "
         "pass, 5 GEMMs per block pair) or deterministic (dQ in its own kernel, bit-identical "
@@ -150,7 +154,7 @@ class KernelsConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _f(500, "Save every this many steps (and at the end).")
+    interval: int = _f(500, "Save every this many steps and at the end (0 = never: benchmarks).")
     keep: int = _f(3, "Newest checkpoints kept on disk.")
     async_save: bool = _f(False, "Save in the background; block only while staging.", key="async")
     init_from: str = _f("", "Checkpoint to initialise a new run from (weights only), verified "
@@ -415,7 +419,7 @@ def validate(cfg: Config) -> Config:
     _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))
     _choice("kernels.attention_backward", cfg.kernels.attention_backward,
             ("atomic", "deterministic"))  # fmt: skip
-    _positive("checkpoint.interval", cfg.checkpoint.interval)
+    _positive("checkpoint.interval", cfg.checkpoint.interval, zero_ok=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("metrics.log_interval", cfg.metrics.log_interval)
     _positive("metrics.profile_steps", cfg.metrics.profile_steps, zero_ok=True)

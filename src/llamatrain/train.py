@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
 from llamatrain.checkpoint.dcp import Checkpointer, load_model_weights
 from llamatrain.checkpoint.identity import new_run_id, run_identity
@@ -63,6 +62,7 @@ from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
 from llamatrain.distributed.world import World, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
+from llamatrain.kernels_choice import choose_kernels
 from llamatrain.loss import IGNORE_INDEX, loss_context, micro_batch_loss
 from llamatrain.metrics import (
     MetricsLogger,
@@ -190,6 +190,14 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def use_deterministic_algorithms() -> None:
+    """torch's deterministic algorithms. On CUDA they need cuBLAS with a fixed workspace, which
+    CUBLAS_WORKSPACE_CONFIG sets when cuBLAS starts (torch refuses the first matmul without it);
+    a value the user set is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def attention_backward(cfg: Config) -> str:
     """The attention backward a run uses: the deterministic one whenever train.deterministic asks
     for bit-identical reruns, else kernels.attention_backward."""
@@ -216,8 +224,12 @@ class Trainer:
         self.tp, self.dp_size = self.dims.tp, self.dims.dp_size
         self.dp_rank = self.dims.coordinates(world.rank).dp_rank
         self.global_batch, self.accum = self.dims.batch_geometry(cfg.train)
-        self.backend = ops.set_backend(cfg.kernels.backend, self.device.type,
-                                       attention_backward(cfg))  # fmt: skip
+        # Each op's kernel or PyTorch path, on this run's shapes (kernels.backend = auto: timed).
+        self.kernel_choice = choose_kernels(cfg, tp=self.dims.tp, device=self.device,
+                                            dtype=self.dtype,
+                                            attention_backward=attention_backward(cfg))
+        self.backend = self.kernel_choice.resolved
+        self.log(self.kernel_choice.summary())
         self.faults = Faults.from_env()
         self.staging_wait_s = 0.0  # time the loop waited for async checkpoint staging
         self.loader: BatchLoader | None = None  # started at the first step, after a restore
@@ -257,7 +269,7 @@ class Trainer:
     def _setup(self, cfg: Config, world: World) -> None:
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+            use_deterministic_algorithms()
 
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         self.log(f"world {world.world_size} on {world.num_nodes} node(s), {self.device_name}, "
@@ -521,7 +533,8 @@ class Trainer:
             if self.benchmarks and self.benchmarks.due(self.step,
                                                        final=self.step == cfg.train.steps):
                 self._log_benchmarks()
-            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+            if cfg.checkpoint.interval and (self.step % cfg.checkpoint.interval == 0
+                                            or self.step == cfg.train.steps):
                 self.save()
         self._close_loader()
         if cfg.train.eval_interval == 0 or self.step % cfg.train.eval_interval:
@@ -617,7 +630,8 @@ class Trainer:
         per_device = tokens_per_s / world.world_size
         report = {
             "run": cfg.run.name, "world_size": world.world_size, "num_nodes": world.num_nodes,
-            "device": self.device_name, "kernels": self.backend, "params": self.num_params,
+            "device": self.device_name, "kernels": self.backend,
+            "kernel_choice": self.kernel_choice.as_dict(), "params": self.num_params,
             "steps": self.step, "tokens": self.tokens_seen, "wall_s": self.wall_s,
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
             "mfu": model_flops_utilisation(per_device, cfg.model, cfg.train.seq_len,
