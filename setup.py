@@ -23,11 +23,15 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.40", "safetensors>=0.4",
-                "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26", *CLEAN],
+                "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26", *CLEAN,
+                "torchao>=0.18"],
         # `python -m llamatrain.data clean` (§2.1): datatrove's core and, of its "processing"
         # extra, only what its quality filters, MinHash and the site filter import (not its
         # fastText, spaCy, trafilatura, ...); datatrove hashes str, which xxhash 4 refuses.
         "clean": CLEAN,
+        # train.float8 (tensorwise or rowwise): torchao's float8 training, a 3.4 MB wheel with
+        # no dependencies; 0.18.0 is what the tests run (CPU emulation).
+        "float8": ["torchao>=0.18"],
         # Hugging Face export (tokenizer.json) and §2.3 benchmarks through lm-evaluation-harness.
         "eval": ["safetensors>=0.4", "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26"],
         "wandb": ["wandb>=0.16"],

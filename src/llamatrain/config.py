@@ -82,6 +82,12 @@ class TrainConfig:
     eval_batches: int = _f(4, "Micro-batches per rank in one validation pass.")
     max_bad_steps: int = _f(5, "Stop after this many non-finite losses in a row.")
     deterministic: bool = _f(False, "Use deterministic algorithms (bit-identical reruns).")
+    float8: str = _f(
+        "none", "none, tensorwise or rowwise: the block linears' matmuls in float8 through "
+        "torchao (the float8 extra; GPUs of sm_89 and newer, emulated on CPU). Meant with "
+        "parallel.compile = true: without it every cast is a kernel of its own and a step is "
+        "usually slower than bf16's. Checkpoints stay as they are.",
+    )  # fmt: skip
 
 
 @dataclass
@@ -298,6 +304,8 @@ def _finite(cfg: Config) -> None:
 
 
 TP_CHOICES = (1, 2, 4, 8, 16)
+# train.float8: off, or torchao's recipe of that name (llamatrain.distributed.float8).
+FLOAT8_MODES = ("none", "tensorwise", "rowwise")
 
 
 def tp_divides(cfg: Config) -> dict[str, int]:
@@ -390,6 +398,7 @@ def validate(cfg: Config) -> Config:
         )
     _choice("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("adamw", "apex_fused_adam"))
+    _choice("train.float8", t.float8, FLOAT8_MODES)
     _choice("data.format", cfg.data.format, ("pretrain", "sft"))
     if not 0 <= cfg.data.val_fraction < 1:
         raise ValueError(f"data.val_fraction = {cfg.data.val_fraction}: expected [0, 1)")

@@ -57,6 +57,7 @@ from llamatrain.config import (
 from llamatrain.data.cache import prepare_sources, read_meta
 from llamatrain.data.datasets import open_training_data
 from llamatrain.data.loader import BatchLoader
+from llamatrain.distributed.float8 import Float8
 from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
 from llamatrain.distributed.world import World, init_distributed
@@ -211,6 +212,7 @@ class Trainer:
             _fused_adam()
         self.cfg, self.world = cfg, world
         self.device = world.device
+        self.float8 = Float8.for_run(cfg.train.float8, self.device)  # missing torchao: one line
         self.run_dir = Path(cfg.run.dir)
         self.files = RunDir(self.run_dir)
         self.stop = stop or StopFlag()
@@ -330,8 +332,11 @@ class Trainer:
         self.num_params = num_params(model)
         use_fsdp = world.world_size > 1 or self.device.type == "cuda"
         self.mesh = self.dims.build_mesh(self.device.type) if use_fsdp else None
-        self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype)
+        self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype,
+                                 float8=self.float8)
         materialize(self.model, self.device, seed=cfg.train.seed)
+        if self.float8 is not None:
+            self.log(self.float8.describe(compiled=cfg.parallel.compile))
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         mesh = (f"mesh {dict(zip(self.mesh.mesh_dim_names, self.mesh.shape, strict=True))}"
                 if self.mesh else "unsharded")
@@ -349,7 +354,7 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "sampler": self.sampler.state_dict(), "schedule": {"step": self.step},
                 "bad_steps": self.bad_steps, "wall_s": self.wall_s,
-                "energy_kwh": self._energy_so_far()}
+                "energy_kwh": self._energy_so_far(), "float8": self.cfg.train.float8}
 
     def save(self) -> None:
         if self.bad_steps:
@@ -386,6 +391,10 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {restored.path} (step {self.step}, saved at world size "
                  f"{state['saved_world_size']})")
+        # Not part of the run's identity: the weights are the same tensors either way.
+        if state.get("float8", "none") != self.cfg.train.float8:
+            self.log(f"train.float8 {state.get('float8', 'none')!r} -> "
+                     f"{self.cfg.train.float8!r} from this step on")
 
     # ------------------------------------------------------------------------------------------
 
@@ -491,6 +500,8 @@ class Trainer:
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 self.staging_wait_s += self.checkpointer.before_update()
                 self.optimizer.step()
+                if self.float8 is not None:
+                    self.float8.after_optimizer_step(self.model)
                 self.bad_steps = 0
                 if not self.state_bytes:
                     self.state_bytes = self._state_bytes()
