@@ -96,6 +96,12 @@ class TrainConfig:
         "into run.dir/hang/ and exits 75 (0 = auto: 10x the median step, at least 300 s; 1800 "
         "s until 5 steps are timed).",
     )  # fmt: skip
+    float8: str = _f(
+        "none", "none, tensorwise or rowwise: the block linears' matmuls in float8 through "
+        "torchao (the float8 extra; GPUs of sm_89 and newer, emulated on CPU). Meant with "
+        "parallel.compile = true: without it every cast is a kernel of its own and a step is "
+        "usually slower than bf16's. Checkpoints stay as they are.",
+    )  # fmt: skip
 
 
 @dataclass
@@ -140,7 +146,11 @@ class ParallelConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = _f("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch.")
+    backend: str = _f(
+        "auto", "auto (on CUDA each op the faster of its Triton kernel and PyTorch, timed at "
+        "startup on the run's shapes; the kernels untimed with train.deterministic; PyTorch on "
+        "CPU), triton or torch.",
+    )  # fmt: skip
     attention_backward: str = _f(
         "atomic", "Triton attention backward: atomic (dQ summed with fp32 atomics in the dK/dV "
         "pass, 5 GEMMs per block pair) or deterministic (dQ in its own kernel, bit-identical "
@@ -159,8 +169,9 @@ class KernelsConfig:
 @dataclass
 class CheckpointConfig:
     interval: int | str = _f(
-        500, 'Save every this many steps (and at the end), or "auto": the Young-Daly interval '
-        "sqrt(2 x save cost x checkpoint.mtbf_hours) once the first save is timed.",
+        500, 'Save every this many steps and at the end; 0 = never (benchmarks); or "auto": the '
+        "Young-Daly interval sqrt(2 x save cost x checkpoint.mtbf_hours) once the first save is "
+        "timed.",
         keywords=("auto",),
     )  # fmt: skip
     keep: int = _f(3, "Newest checkpoints kept on disk.")
@@ -237,11 +248,13 @@ def _type_name(tp: Any) -> str:
 
 
 def _int_or_keyword(key: str, value: Any, keywords: Sequence[str]) -> int | str:
-    """An `int | str` field: an integer (not a bool), or exactly one of its keywords."""
-    if (isinstance(value, int) and not isinstance(value, bool)) or value in keywords:
+    """An `int | str` field: an integer >= 0 (not a bool), or exactly one of its keywords. The
+    one parse of such a field, for files, the command line and dataclasses built in code."""
+    if (isinstance(value, int) and not isinstance(value, bool) and value >= 0) \
+            or (isinstance(value, str) and value in keywords):
         return value
     allowed = " or ".join(f'"{k}"' for k in keywords)
-    raise ValueError(f"{key} = {value!r}: expected an integer or {allowed}")
+    raise ValueError(f"{key} = {value!r}: expected an integer >= 0 or {allowed}")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -332,6 +345,8 @@ def _finite(cfg: Config) -> None:
 
 
 TP_CHOICES = (1, 2, 4, 8, 16)
+# train.float8: off, or torchao's recipe of that name (llamatrain.distributed.float8).
+FLOAT8_MODES = ("none", "tensorwise", "rowwise")
 
 
 def tp_divides(cfg: Config) -> dict[str, int]:
@@ -424,6 +439,7 @@ def validate(cfg: Config) -> Config:
         )
     _choice("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("adamw", "apex_fused_adam"))
+    _choice("train.float8", t.float8, FLOAT8_MODES)
     _choice("data.format", cfg.data.format, ("pretrain", "sft"))
     if not 0 <= cfg.data.val_fraction < 1:
         raise ValueError(f"data.val_fraction = {cfg.data.val_fraction}: expected [0, 1)")
@@ -471,12 +487,11 @@ def _check_resilience(cfg: Config) -> None:
         raise ValueError(f"train.hang_timeout_s = {t.hang_timeout_s!r}: must be shorter than "
                          f"train.collective_timeout_s = {t.collective_timeout_s!r} (or 0 = auto)")
     _positive("checkpoint.mtbf_hours", c.mtbf_hours, zero_ok=True)
-    if c.interval == "auto":
-        if not c.mtbf_hours:
-            raise ValueError('checkpoint.interval = "auto": needs checkpoint.mtbf_hours > 0 (the '
-                             "mean time between failures of the whole job, in hours)")
-    elif c.interval < 1:
-        raise ValueError(f'checkpoint.interval = {c.interval}: expected an integer >= 1 or "auto"')
+    _int_or_keyword("checkpoint.interval", c.interval, _keys(CheckpointConfig)["interval"]
+                    .metadata["keywords"])
+    if c.interval == "auto" and not c.mtbf_hours:
+        raise ValueError('checkpoint.interval = "auto": needs checkpoint.mtbf_hours > 0 (the '
+                         "mean time between failures of the whole job, in hours)")
     if not cfg.metrics.straggler_factor > 1:
         raise ValueError(f"metrics.straggler_factor = {cfg.metrics.straggler_factor!r}: "
                          "expected a number > 1")

@@ -20,7 +20,12 @@ times the activations of one (the layout asked for is measured at its own micro-
 run as their PyTorch references (fake tensors hold no data for a Triton kernel), which keep fp32
 intermediates the fused kernels do not (not yet checked against a GPU run).
 Step time is modelled: --mfu is the model FLOPs utilisation of compute, the same whatever the
-checkpointing (layouts that tie are ranked by memory).
+checkpointing (layouts that tie are ranked by memory). With --train.float8=tensorwise|rowwise the
+converted block linears' FLOPs run at --mfu of the device's fp8 peak and the rest (attention,
+output projection) at --mfu of bf16's, and tensorwise all-gathers those linears' weights in float8
+(one byte each); a device without float8 tensor cores (A100) is refused. The dry run measures
+memory without the float8 conversion: torchao keeps the high-precision inputs for backward, so
+activations are about bf16's, and the float8 all-gather only makes the gathered weights smaller.
 
 With --parallel.* overrides it reports that layout; without, it searches tp in 1, 2, 4, 8, FSDP
 over every data-parallel rank or inside a node (HSDP), the three activation-checkpointing modes
@@ -39,8 +44,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from llamatrain.config import Config, load_config, run_cli, validate
+from llamatrain.distributed.float8 import check_device
 from llamatrain.distributed.parallel_dims import ParallelDims, batch_geometry
-from llamatrain.flops import flops_per_token, num_params
+from llamatrain.flops import float8_flops_per_token, float8_params, flops_per_token, num_params
 from llamatrain.hardware import BY_KEY, GPU, gpu, peak_flops
 
 GIB = 2**30
@@ -73,6 +79,7 @@ class Fabric:
 FABRICS = {"ib": Fabric("InfiniBand", 0.92, 5.0), "roce": Fabric("RoCE", 0.85, 8.0)}
 NVLINK_HOP_US = 1.0
 PARAM_BYTES = 2  # bf16 all-gather (FSDP2 MixedPrecisionPolicy param_dtype)
+FLOAT8_BYTES = 1  # tensorwise float8's all-gather of the converted linears' weights
 GRAD_BYTES = 4  # fp32 reduce-scatter / all-reduce (reduce_dtype)
 ACT_BYTES = 2  # bf16 activations in the tensor-parallel collectives
 
@@ -332,6 +339,26 @@ class Collective:
     seconds: float  # per step, bandwidth and latency
 
 
+def peak_seconds_per_token(cfg: Config, device: GPU, *, tp: int) -> float:
+    """Seconds one GPU needs for one token's training FLOPs at its peaks: all of flops.py's count
+    at bf16's, or under train.float8 the converted linears' at fp8's and the rest at bf16's (a
+    device without float8 tensor cores is refused). Divided by an MFU, the compute time."""
+    m, seq, bf16 = cfg.model, cfg.train.seq_len, peak_flops(device.name, "bf16")
+    if cfg.train.float8 == "none":
+        return flops_per_token(m, seq) / bf16
+    check_device(cfg.train.float8, arch=device.arch, device_name=device.name)
+    converted, rest = float8_flops_per_token(m, seq, tp=tp)
+    return converted / peak_flops(device.name, "fp8") + rest / bf16
+
+
+def gathered_bytes(cfg: Config, *, tp: int) -> float:
+    """Bytes of one tp-slice of the parameters as FSDP all-gathers them: bf16, but the converted
+    linears' weights in float8 under train.float8 = tensorwise."""
+    n = num_params(cfg.model)
+    fp8 = float8_params(cfg.model, tp=tp) if cfg.train.float8 == "tensorwise" else 0
+    return ((n - fp8) * PARAM_BYTES + fp8 * FLOAT8_BYTES) / tp
+
+
 def _link(group: int, stride: int, gpus_per_node: int, fabric: Fabric) -> str:
     return "NVLink" if group * stride <= gpus_per_node else fabric.name
 
@@ -350,12 +377,13 @@ def step_model(
 ) -> dict[str, Any]:
     """One optimizer step of a layout: its collectives, compute time and step time.
 
-    Compute: the step's tokens times flops.py's FLOPs per token over num_gpus GPUs at mfu of the
-    device's bf16 peak. FSDP, per step: every GPU all-gathers its tp-slice of the parameters
-    twice (forward, backward) and reduce-scatters the gradients within its dp_shard group; with
-    replicas (HSDP) it all-reduces its gradient shard across them. A ring inside one node runs
-    over NVLink; a ring across nodes moves, per node, what its GPUs send, spread over the node's
-    NICs (tp rings per node share them); replica all-reduces go over NCCL's tree. They overlap
+    Compute: the step's tokens over num_gpus GPUs, each at peak_seconds_per_token / mfu (bf16's
+    peak, and fp8's for the converted linears under train.float8). FSDP, per step: every GPU
+    all-gathers its tp-slice of the parameters (gathered_bytes) twice (forward, backward) and
+    reduce-scatters the gradients within its dp_shard group; with replicas (HSDP) it
+    all-reduces its gradient shard across them. A ring inside one node runs over NVLink; a ring
+    across nodes moves, per node, what its GPUs send, spread over the node's NICs (tp rings per
+    node share them); replica all-reduces go over NCCL's tree. They overlap
     with compute through prefetching, except the first unit's all-gather and the last unit's
     reductions. Tensor parallelism, per block and micro-batch: forward all-gathers the sequence
     before attention and the FFN and reduce-scatters after them, backward the reverse, and full
@@ -368,9 +396,8 @@ def step_model(
     net_bps = nics_per_node * link_gbps / 8 * 1e9 * fabric.efficiency
     nvl_bps = device.intra_node_gbs * 1e9
     net_hop, nvl_hop = fabric.hop_latency_us * 1e-6, NVLINK_HOP_US * 1e-6
-    peak = peak_flops(device.name, "bf16")
     tokens = cfg.train.global_batch_tokens
-    compute = tokens / num_gpus * flops_per_token(m, cfg.train.seq_len) / (mfu * peak)
+    compute = tokens / num_gpus * peak_seconds_per_token(cfg, device, tp=tp) / mfu
     _, accum = batch_geometry(replace(cfg.train, micro_batch_size=layout.micro_batch_size),
                               num_gpus // tp)
     colls: list[Collective] = []
@@ -378,7 +405,7 @@ def step_model(
     lat_ag = lat_ar = 0.0
     fsdp = 0.0
     if s > 1:
-        ag_bytes = (s - 1) / s * n_local * PARAM_BYTES
+        ag_bytes = (s - 1) / s * gathered_bytes(cfg, tp=tp)
         rs_bytes = (s - 1) / s * n_local * GRAD_BYTES
         link = _link(s, tp, gpus_per_node, fabric)
         if link == "NVLink":
@@ -388,7 +415,8 @@ def step_model(
             bps = min(nvl_bps, net_bps / tp)
             lat_ag = (nodes - 1) * net_hop + (s - nodes) * nvl_hop
             node_bytes += tp * (2 * ag_bytes + rs_bytes)
-        colls += [Collective("FSDP parameters (bf16)", "all-gather", s, link, 2 * units,
+        gathered = "bf16, float8 linears" if cfg.train.float8 == "tensorwise" else "bf16"
+        colls += [Collective(f"FSDP parameters ({gathered})", "all-gather", s, link, 2 * units,
                              2 * ag_bytes, 2 * ag_bytes / bps + 2 * units * lat_ag),
                   Collective("FSDP gradients (fp32)", "reduce-scatter", s, link, units,
                              rs_bytes, rs_bytes / bps + units * lat_ag)]
@@ -455,9 +483,15 @@ class Setup:
 def _evaluate(cfg: Config, layout: Layout, setup: Setup, memory: Memory) -> dict[str, Any]:
     device = gpu(setup.device)
     budget = device.memory_gib * GIB * USABLE_FRACTION
-    step = step_model(cfg, layout, num_gpus=setup.num_gpus, gpus_per_node=setup.gpus_per_node,
-                      device=device, mfu=setup.mfu, fabric=FABRICS[setup.fabric],
-                      link_gbps=setup.link_gbps, nics_per_node=setup.nics_per_node)
+    def model(c: Config) -> dict[str, Any]:
+        return step_model(c, layout, num_gpus=setup.num_gpus, gpus_per_node=setup.gpus_per_node,
+                          device=device, mfu=setup.mfu, fabric=FABRICS[setup.fabric],
+                          link_gbps=setup.link_gbps, nics_per_node=setup.nics_per_node)
+
+    step = model(cfg)
+    if cfg.train.float8 != "none":  # what float8 saves: the same layout's step in bf16
+        bf16 = model(replace(cfg, train=replace(cfg.train, float8="none")))
+        step["bf16"] = {"step_s": bf16["step_s"], "compute_s": bf16["compute_s"]}
     return {"layout": asdict(layout), "overrides": layout.overrides(),
             "memory": {**asdict(memory), "total": memory.total}, "budget": budget,
             "fits": memory.total <= budget, **step}
@@ -472,6 +506,7 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
     if not 0 < setup.mfu <= 1:
         raise ValueError(f"mfu = {setup.mfu!r}: expected a fraction in (0, 1]")
     device = gpu(setup.device)
+    check_device(cfg.train.float8, arch=device.arch, device_name=device.name)
     g, gpn = setup.num_gpus, setup.gpus_per_node
     requested, refusal, own_refusal = None, None, None
     try:
@@ -515,6 +550,7 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
            "device": device.name, "memory_gib": device.memory_gib, "mfu": setup.mfu,
            "fabric": FABRICS[setup.fabric].name, "link_gbps": setup.link_gbps,
            "seq_len": cfg.train.seq_len, "global_batch_tokens": cfg.train.global_batch_tokens,
+           "float8": cfg.train.float8,
            "searched": search or refusal is not None, "layouts": results, "fitting": fitting,
            "best": fitting[0] if fitting else None, "refusal": refusal,
            "config_refusal": own_refusal}
@@ -528,12 +564,19 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
+def _float8_note(r: dict[str, Any]) -> str:
+    if r["float8"] == "none":
+        return ""
+    return (f" (float8 {r['float8']}: the block linears at {r['mfu']:.0%} of the fp8 peak, the "
+            "rest of bf16's)")
+
+
 def format_result(r: dict[str, Any], *, top: int = 10) -> str:
     lines = [f"{r['params'] / 1e9:.2f}B parameters, sequence {r['seq_len']}, global batch "
              f"{r['global_batch_tokens']:,} tokens, on {r['gpus']:,} x {r['device']} "
              f"({r['gpus_per_node']} per node, {r['memory_gib']:g} GiB, plan up to "
-             f"{USABLE_FRACTION:.0%}); step time at MFU {r['mfu']:.0%}, {r['fabric']} "
-             f"{r['link_gbps']:g} Gbps per NIC"]
+             f"{USABLE_FRACTION:.0%}); step time at MFU {r['mfu']:.0%}{_float8_note(r)}, "
+             f"{r['fabric']} {r['link_gbps']:g} Gbps per NIC"]
     header = (f"{'tp':>3} {'shard':>6} {'repl':>5} {'AC':>9} {'mbs':>3} {'accum':>5} "
               f"{'params':>7} {'grads':>6} {'optim':>6} {'gather':>7} {'activ':>6} "
               f"{'total':>6} {'step s':>7} {'eff':>6}")
@@ -569,6 +612,12 @@ def format_result(r: dict[str, Any], *, top: int = 10) -> str:
         lines.append(f"  step {chosen['step_s']:.2f} s = compute {chosen['compute_s']:.2f} s + "
                      f"tensor parallel {chosen['tp_comm_s']:.2f} s + FSDP not hidden behind "
                      f"compute {exposed:.2f} s (of {chosen['fsdp_comm_s']:.2f} s)")
+        if "bf16" in chosen:
+            bf16 = chosen["bf16"]
+            lines.append(f"  float8 {r['float8']}: step {chosen['step_s']:.2f} s (compute "
+                         f"{chosen['compute_s']:.2f} s) against {bf16['step_s']:.2f} s (compute "
+                         f"{bf16['compute_s']:.2f} s) in bf16: "
+                         f"{bf16['step_s'] / chosen['step_s'] - 1:+.0%} steps per hour")
         lines.append(f"  use: {chosen['overrides']}")
     return "\n".join(lines)
 

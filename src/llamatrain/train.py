@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
 from llamatrain.checkpoint.dcp import Checkpointer, load_model_weights
 from llamatrain.checkpoint.identity import new_run_id, run_identity
@@ -62,12 +61,14 @@ from llamatrain.config import (
 from llamatrain.data.cache import prepare_sources, read_meta
 from llamatrain.data.datasets import open_training_data
 from llamatrain.data.loader import BatchLoader
+from llamatrain.distributed.float8 import Float8
 from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
 from llamatrain.distributed.world import World, collective_timeout_s, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
 from llamatrain.goodput import Goodput
 from llamatrain.goodput import markdown as goodput_markdown
+from llamatrain.kernels_choice import choose_kernels
 from llamatrain.loss import IGNORE_INDEX, loss_context, micro_batch_loss
 from llamatrain.metrics import (
     MetricsLogger,
@@ -212,6 +213,14 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def use_deterministic_algorithms() -> None:
+    """torch's deterministic algorithms. On CUDA they need cuBLAS with a fixed workspace, which
+    CUBLAS_WORKSPACE_CONFIG sets when cuBLAS starts (torch refuses the first matmul without it);
+    a value the user set is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def attention_backward(cfg: Config) -> str:
     """The attention backward a run uses: the deterministic one whenever train.deterministic asks
     for bit-identical reruns, else kernels.attention_backward."""
@@ -226,6 +235,7 @@ class Trainer:
             _fused_adam()
         self.cfg, self.world = cfg, world
         self.device = world.device
+        self.float8 = Float8.for_run(cfg.train.float8, self.device)  # missing torchao: one line
         self.run_dir = Path(cfg.run.dir)
         self.files = RunDir(self.run_dir)
         self.stop = stop or StopFlag()
@@ -237,8 +247,12 @@ class Trainer:
         self.tp, self.dp_size = self.dims.tp, self.dims.dp_size
         self.dp_rank = self.dims.coordinates(world.rank).dp_rank
         self.global_batch, self.accum = self.dims.batch_geometry(cfg.train)
-        self.backend = ops.set_backend(cfg.kernels.backend, self.device.type,
-                                       attention_backward(cfg))  # fmt: skip
+        # Each op's kernel or PyTorch path, on this run's shapes (kernels.backend = auto: timed).
+        self.kernel_choice = choose_kernels(cfg, tp=self.dims.tp, device=self.device,
+                                            dtype=self.dtype,
+                                            attention_backward=attention_backward(cfg))
+        self.backend = self.kernel_choice.resolved
+        self.log(self.kernel_choice.summary())
         self.faults = Faults.from_env()
         self.goodput = Goodput(num_devices=world.world_size)
         self.schedule = SaveSchedule(cfg.checkpoint)
@@ -283,7 +297,7 @@ class Trainer:
     def _setup(self, cfg: Config, world: World) -> None:
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+            use_deterministic_algorithms()
 
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         timeout = collective_timeout_s()
@@ -353,8 +367,11 @@ class Trainer:
         self.num_params = num_params(model)
         use_fsdp = world.world_size > 1 or self.device.type == "cuda"
         self.mesh = self.dims.build_mesh(self.device.type) if use_fsdp else None
-        self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype)
+        self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype,
+                                 float8=self.float8)
         materialize(self.model, self.device, seed=cfg.train.seed)
+        if self.float8 is not None:
+            self.log(self.float8.describe(compiled=cfg.parallel.compile))
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         mesh = (f"mesh {dict(zip(self.mesh.mesh_dim_names, self.mesh.shape, strict=True))}"
                 if self.mesh else "unsharded")
@@ -372,7 +389,7 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "sampler": self.sampler.state_dict(), "schedule": {"step": self.step},
                 "bad_steps": self.bad_steps, "wall_s": self.wall_s,
-                "energy_kwh": self._energy_so_far(),
+                "energy_kwh": self._energy_so_far(), "float8": self.cfg.train.float8,
                 "goodput": asdict(self.goodput.ledger()),
                 "checkpoint_interval": self.schedule.state_dict()}
 
@@ -424,6 +441,10 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {restored.path} (step {self.step}, saved at world size "
                  f"{state['saved_world_size']})")
+        # Not part of the run's identity: the weights are the same tensors either way.
+        if state.get("float8", "none") != self.cfg.train.float8:
+            self.log(f"train.float8 {state.get('float8', 'none')!r} -> "
+                     f"{self.cfg.train.float8!r} from this step on")
 
     def _on_hang(self, step: int, line: str) -> None:
         """The watchdog fired (its own thread): leave the requeue marker like a stop does."""
@@ -548,6 +569,8 @@ class Trainer:
                 self.staging_wait_s += staged
                 self.goodput.stalled(staged)
                 self.optimizer.step()
+                if self.float8 is not None:
+                    self.float8.after_optimizer_step(self.model)
                 self.bad_steps = 0
                 if not self.state_bytes:
                     self.state_bytes = self._state_bytes()
@@ -584,8 +607,8 @@ class Trainer:
                 with self.watchdog.long_phase(self.step, "benchmarks"):
                     self._log_benchmarks()
             if self.schedule.due(self.step, last_saved=self.last_saved,
-                                 steps_this_run=self.step - start_step) \
-                    or self.step == cfg.train.steps:
+                                 steps_this_run=self.step - start_step,
+                                 final=self.step == cfg.train.steps):
                 self.save()
         self.watchdog.close()
         self._close_loader()
@@ -690,7 +713,8 @@ class Trainer:
         per_device = tokens_per_s / world.world_size
         report = {
             "run": cfg.run.name, "world_size": world.world_size, "num_nodes": world.num_nodes,
-            "device": self.device_name, "kernels": self.backend, "params": self.num_params,
+            "device": self.device_name, "kernels": self.backend,
+            "kernel_choice": self.kernel_choice.as_dict(), "params": self.num_params,
             "steps": self.step, "tokens": self.tokens_seen, "step_time_total_s": self.wall_s,
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
             "mfu": model_flops_utilisation(per_device, cfg.model, cfg.train.seq_len,

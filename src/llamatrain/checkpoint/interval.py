@@ -1,4 +1,5 @@
-"""When to save: every `checkpoint.interval` steps, or "auto", the Young-Daly interval.
+"""When to save: every `checkpoint.interval` steps and at the end, never (0: benchmarks), or
+"auto", the Young-Daly interval.
 
 A save that costs C seconds of training, on a job that fails every M seconds on average (the whole
 job's mean time between failures, `checkpoint.mtbf_hours`), loses the least time to saving plus
@@ -45,7 +46,12 @@ class SaveSchedule:
         self.totals: list[float] = []
         self.step_s: float | None = None
 
-    def due(self, step: int, *, last_saved: int, steps_this_run: int) -> bool:
+    def due(self, step: int, *, last_saved: int, steps_this_run: int, final: bool) -> bool:
+        """Whether `step` saves; `final` is the run's last step (saved unless interval = 0)."""
+        if self.every == 0:
+            return False
+        if final:
+            return True
         if not self.auto:
             return step % self.every == 0
         if self.every is None:  # no save timed yet: the first one measures the cost
@@ -107,7 +113,9 @@ def markdown(report: dict[str, Any]) -> str:
     def s(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.4g} s"
 
-    lines = [f"| interval | {report['interval']} (now every {report['interval_steps']} steps) |",
+    every = report["interval_steps"]
+    now = "never" if every == 0 else f"now every {every} steps"
+    lines = [f"| interval | {report['interval']} ({now}) |",
              f"| save cost, blocking | {s(report['blocked_s'])} (mean of "
              f"{report['saves_timed']} saves) |",
              f"| save cost, total | {s(report['total_s'])} |"]
