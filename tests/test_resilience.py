@@ -78,7 +78,9 @@ def test_a_rank_that_stops_stepping_ends_the_job_with_75_and_stacks_on_disk(hung
     summary = json.loads(hang["summary.json"])
     assert (summary["rank"], summary["step"], summary["phase"]) == (1, 6, "step")
     assert summary["others_reached"] == "step 6 boundary" and summary["missing"] == []
-    assert "hang: rank 1 (" in hung.stdout and "stopped first at step 6" in hung.stdout
+    assert f"hang: rank 1 ({requeue.node_name()}) stopped first at step 6 after step" \
+        in hung.stdout
+    assert summary["host"] == requeue.node_name()
     marker = hung_then_resumed["marker"]
     assert marker["step"] == 6 and marker["reason"].startswith("hang: rank 1")
     assert {r.rank: (r.code, r.reason) for r in hung_then_resumed["records"].values()} == {
@@ -360,3 +362,39 @@ def test_a_lost_peer_is_told_from_a_crash_of_this_rank():
         assert requeue.peer_lost(wrapped)
     assert not requeue.peer_lost(RuntimeError("CUDA out of memory"))
     assert not requeue.peer_lost(KeyError("loss"))
+
+
+def test_links_planted_at_hang_and_the_failure_records_are_refused_not_followed(
+        tmp_path, monkeypatch, capsys):
+    from llamatrain.checkpoint.rundir import RunDirRefused
+    from llamatrain.watchdog import Watchdog, set_aside
+
+    victim, run_dir = tmp_path / "victim", tmp_path / "run"
+    victim.mkdir()
+    run_dir.mkdir()
+    (victim / "failures.jsonl").write_text("precious\n")
+    # hang/: the watchdog writes nothing through it, and an attempt's start leaves it in place.
+    (run_dir / "hang").symlink_to(victim)
+    dog = Watchdog(run_dir, rank=0, world_size=1, gpu=None, timeout_s=1.0,
+                   on_fire=lambda step, line: None, flight_recorder=False)
+    with pytest.raises(RunDirRefused, match="hang' is a symbolic link"):
+        dog._fire(2.0, 1.0)
+    assert set_aside(run_dir) is None and (run_dir / "hang").is_symlink()
+    # The ranks' exit records: a link at .requeue-<job> is refused, with one line.
+    monkeypatch.setenv(requeue.ENV_DIR, str(run_dir / ".requeue-17"))
+    monkeypatch.setenv("RANK", "0")
+    (run_dir / ".requeue-17").symlink_to(victim)
+    requeue.record_exit(75, "hang")
+    assert "could not leave the exit record" in capsys.readouterr().err
+    # failures.jsonl: not appended through; the failure cannot be counted, so no retry.
+    (run_dir / "failures.jsonl").symlink_to(victim / "failures.jsonl")
+    records = tmp_path / "records"
+    records.mkdir()
+    assert requeue.main(["verdict", "--records", str(records), "--run-dir", str(run_dir),
+                         "--nodes", "n1,n2", "--srun-exit", "137", "--job", "17",
+                         "--max-failures", "3"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("stop 2 - ") and "failures.jsonl' is a symbolic link" in line
+    assert line.count("\n") == 1 and line.rstrip().endswith("not requeueing")
+    assert sorted(p.name for p in victim.iterdir()) == ["failures.jsonl"]
+    assert (victim / "failures.jsonl").read_text() == "precious\n"

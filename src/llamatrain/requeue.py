@@ -34,7 +34,14 @@ from typing import Any
 
 import torch.distributed as dist
 
-from llamatrain.checkpoint.rundir import FAILURES, append_text, read_text, write_atomic
+from llamatrain.checkpoint.rundir import (
+    FAILURES,
+    RunDirRefused,
+    append_text,
+    make_dir,
+    read_text,
+    write_atomic,
+)
 
 REQUEUE_EXIT_CODE = 75
 # Exit codes that a requeue would only repeat: the configuration or run directory (2), a streak of
@@ -95,8 +102,8 @@ def record_exit(code: int, reason: str) -> None:
     record = ExitRecord(rank, code, node_name(), int(env.get("LOCAL_WORLD_SIZE", "1")), reason)
     path = Path(directory)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        write_atomic(path / f"rank-{rank}", json.dumps(asdict(record)) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(make_dir(path) / f"rank-{rank}", json.dumps(asdict(record)) + "\n")
     except (OSError, ValueError) as e:  # advice to the launcher: never fail an exit over it
         print(f"rank {rank}: could not leave the exit record in {directory}: {e}",
               file=sys.stderr, flush=True)
@@ -235,7 +242,11 @@ def _verdict_cli(args: argparse.Namespace) -> int:
                  "srun_exit": args.srun_exit, "action": verdict.action,
                  "ranks": [asdict(r) for r in sorted(records.values(), key=lambda r: r.rank)]}
         run_dir.mkdir(parents=True, exist_ok=True)
-        append_text(run_dir / FAILURES, json.dumps(entry) + "\n")
+        try:
+            append_text(run_dir / FAILURES, json.dumps(entry) + "\n")
+        except RunDirRefused as e:
+            # A failure that cannot be counted must not be retried (MAX_FAILURES would not hold).
+            verdict = Verdict("stop", 2, [], f"{e}; not requeueing")
     print(verdict.line())
     return 0
 

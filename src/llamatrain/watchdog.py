@@ -183,6 +183,10 @@ class Watchdog:
             if idle > timeout or self._fired_elsewhere():
                 try:
                     self._fire(idle, timeout)
+                except Exception as e:  # e.g. a link planted at hang/: refused, not followed
+                    print(f"rank {self.rank} ({self.host}): no progress for {idle:.0f} s; the "
+                          f"hang records could not be written: {e}", file=sys.stderr)
+                    record_exit(REQUEUE_EXIT_CODE, "hang")
                 finally:
                     sys.stdout.flush()
                     sys.stderr.flush()
@@ -270,7 +274,7 @@ def set_aside(run_dir: str | Path) -> Path | None:
     stamp = int(old.stat().st_mtime)
     target = old.with_name(f"{HANG}.{stamp}")
     n = 1
-    while target.exists():
+    while os.path.lexists(target):
         n += 1
         target = old.with_name(f"{HANG}.{stamp}-{n}")
     os.replace(old, target)
