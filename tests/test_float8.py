@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REPO, losses
+from conftest import REPO, load_benchmark, losses
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
 
@@ -340,17 +340,8 @@ def test_float8_without_torchao_is_one_line_from_the_trainer(tmp_path):
 # make bench's float8 row
 
 
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"_test_float8_{name}",
-                                                  REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_bench_float8_row_is_skipped_on_a_cpu_with_its_reason_and_renders_on_a_gpu():
-    train, run = _bench("train"), _bench("run")
+    train, run = load_benchmark("train"), load_benchmark("run")
     skipped = train.float8_rows("configs/tiny.toml", [], 4)
     assert skipped == {"skipped": "no GPU (on a CPU float8 is emulated: numerics, not speed)"}
     assert run.float8_markdown(skipped) == [
