@@ -18,9 +18,24 @@
 # SIGTERM to the worker processes) and the same command resumes the run.
 set -euo pipefail
 
+# Under pretrain.sbatch (LLAMATRAIN_REQUEUE_DIR set), the node's exit code is left for its
+# requeue verdict (llamatrain.requeue) beside the ranks' own records: a bad configuration is
+# found here, before any rank starts.
+leave_record() {
+    if [[ -n ${LLAMATRAIN_REQUEUE_DIR:-} ]]; then
+        mkdir -p "$LLAMATRAIN_REQUEUE_DIR"
+        echo "$1" >"$LLAMATRAIN_REQUEUE_DIR/node-${SLURMD_NODENAME:-$(hostname)}"
+    fi
+}
+
+node_exit() {
+    leave_record "$1"
+    exit "$1"
+}
+
 die() {
     echo "torchrun.sh: $*" >&2
-    exit 2
+    node_exit 2
 }
 
 [[ $# -ge 1 && $1 != -* ]] || die "usage: [NNODES=N NODE_RANK=R MASTER_ADDR=HOST]" \
@@ -44,7 +59,7 @@ try:
     print(load_config(sys.argv[1], sys.argv[2:]).run.dir)
 except ValueError as e:
     sys.exit(f"torchrun.sh: {e}")
-' "$config" "$@") || exit 2
+' "$config" "$@") || node_exit 2
 export RUN_DIR
 
 visible_gpus() {
@@ -96,10 +111,10 @@ rc=0
 
 if (( rc == 75 )) && [[ -n ${LLAMATRAIN_REQUEUE_DIR:-} ]]; then
     # Under srun --kill-on-bad-exit, the first node to exit non-zero has SLURM kill the others,
-    # still writing their own exit, and srun then reports their SIGTERM instead of 75. So a node
-    # that saved says so in a file for pretrain.sbatch, and exits 0.
-    mkdir -p "$LLAMATRAIN_REQUEUE_DIR"
-    echo "$rc" >"$LLAMATRAIN_REQUEUE_DIR/node-${SLURM_NODEID:-0}"
+    # still writing their own exit, and srun then reports their SIGTERM instead of 75. So the
+    # ranks leave exit records in LLAMATRAIN_REQUEUE_DIR for pretrain.sbatch (llamatrain.requeue)
+    # and a node that stopped for a requeue exits 0.
+    leave_record "$rc"
     exit 0
 fi
-exit "$rc"
+node_exit "$rc"

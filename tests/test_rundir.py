@@ -91,8 +91,10 @@ def test_a_new_empty_or_own_unsaved_directory_is_accepted(tmp_path):
     (own / "checkpoints/.tmp-step-4").mkdir(parents=True)
     (own / "config.toml").write_text(to_toml(tiny_config(own, **{"train.steps": 20})))
     (own / "nccl_trace").mkdir()
+    (own / "hang").mkdir()  # a hang before the first checkpoint, and the one before it
+    (own / "hang.1796302350").mkdir()
     for name in ("metrics.jsonl", "tokenizer.model", "requeue", ".flock", "LOCK.stale-n1-7",
-                 ".metrics.jsonl.123", ".requeue-77"):
+                 ".metrics.jsonl.123", ".requeue-77", "failures.jsonl"):
         (own / name).write_text("")
     check_usable(own, cfg)
     # A run directory with checkpoints: the resume decides (checkpoint.dcp's identity check).
@@ -169,7 +171,7 @@ def test_a_planted_link_is_never_written_through(tmp_path, name, write):
 
 
 @pytest.mark.parametrize("name", ["report.md", "checkpoints", "checkpoints/latest",
-                                  "checkpoints/step-8"])
+                                  "checkpoints/step-8", "hang", "failures.jsonl"])
 def test_a_planted_link_is_refused_before_the_run_starts(tmp_path, name):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints/step-4").mkdir(parents=True)

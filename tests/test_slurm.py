@@ -1,5 +1,6 @@
 """launch/pretrain.sbatch on a real two-node SLURM cluster on localhost (launch/local-cluster):
-training across both nodes, preemption with requeue and resume, no requeue after a failure; and
+training across both nodes, preemption with requeue and resume, a node lost mid-run (requeued
+without it, resumed on the other), no requeue after a configuration error; and
 launch/prepare.sbatch, corpus preparation as an array job."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 from pathlib import Path
 
@@ -152,6 +154,66 @@ def test_usr1_saves_off_interval_requeues_and_resumes_to_the_same_losses(
     assert resumed == losses(reference[0] / "runs" / "reference")
     report = json.loads((run_dir / "report.json").read_text())
     assert report["world_size"] == 2
+
+
+def _kill_ranks(job_id: int, node: str) -> list[int]:
+    """SIGKILL every trainer rank of a job on one node: the processes torchrun started there."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(item.split("=", 1) for item in
+                       (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in item)
+        except (OSError, ValueError):
+            continue
+        if (env.get("SLURM_JOB_ID") == str(job_id) and env.get("SLURMD_NODENAME") == node
+                and "LOCAL_RANK" in env):
+            os.kill(int(proc.name), signal.SIGKILL)
+            killed.append(int(proc.name))
+    return killed
+
+
+def test_a_node_lost_mid_run_comes_back_on_the_rest_with_the_same_losses(
+    cluster, overrides, reference, tmp_path
+):
+    # Rank 0 sleeps 50 ms in each step (losses unchanged), so that the kill lands mid-run.
+    job_id = cluster.sbatch("--nodes=2", "--job-name=nodeloss",
+                            "--export=ALL,MIN_NODES=1,LLAMATRAIN_FAULT_SLOW=0:0.05", SBATCH,
+                            CONFIG, *overrides, "--checkpoint.interval=10", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "nodeloss"
+    log_path = tmp_path / f"nodeloss-{job_id}.out"
+    latest = run_dir / "checkpoints" / "latest"
+    cluster.wait_for("step-10 saved and two more steps",
+                     lambda: latest.exists() and len(losses(run_dir)) >= 12,
+                     timeout=180, job_id=job_id, log=log_path)
+
+    logged = max(losses(run_dir))
+    assert _kill_ranks(job_id, "n2")
+    info = cluster.wait_done(job_id, timeout=240, log=log_path)
+
+    log = log_path.read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert (info["Restarts"], info["ExcNodeList"], info["NodeList"]) == ("1", "n2", "n1"), log
+    assert re.search(r"node\(s\) n2 failed \(n1: rank [01] exit 75 peer-lost; n2: no rank left a "
+                     r"record\); failure 1 of at most 3", log), log
+    assert "requeueing job" in log and "excluding n2" in log
+    assert "SLURM_RESTART_COUNT=1 nodes=1 (n1)" in log
+    assert "resumed from" in log and "saved at world size 2" in log
+    # Every step, and the losses of the uninterrupted two-node run (one node now: more
+    # accumulation, the same samples).
+    resumed, full = losses(run_dir), losses(reference[0] / "runs" / "reference")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (report["world_size"], report["num_nodes"], report["steps"]) == (1, 1, STEPS)
+    goodput = report["goodput"]
+    assert goodput["attempts"] == 2 and goodput["lost_steps"] >= logged - 10 >= 2
+    assert 0 < goodput["goodput"] < 1
+    [failure] = report["failures"]
+    assert (failure["failed"], failure["excluded"], failure["job"]) == (["n2"], ["n2"],
+                                                                        str(job_id))
+    assert "failed node(s) n2; excluded n2; retry" in (run_dir / "report.md").read_text()
 
 
 def test_a_run_that_fails_is_not_requeued(cluster, overrides, tmp_path):

@@ -22,10 +22,15 @@ from pathlib import Path
 from typing import Any
 
 
-def _f(default: Any, help: str, *, key: str | None = None) -> Any:
-    metadata = {"help": help}
+def _f(default: Any, help: str, *, key: str | None = None,
+       keywords: tuple[str, ...] = ()) -> Any:
+    """A field with its help text; `keywords` are the words an `int | str` field takes besides
+    an integer (checkpoint.interval = "auto")."""
+    metadata: dict[str, Any] = {"help": help}
     if key is not None:
         metadata["key"] = key
+    if keywords:
+        metadata["keywords"] = keywords
     return field(default=default, metadata=metadata)
 
 
@@ -82,6 +87,15 @@ class TrainConfig:
     eval_batches: int = _f(4, "Micro-batches per rank in one validation pass.")
     max_bad_steps: int = _f(5, "Stop after this many non-finite losses in a row.")
     deterministic: bool = _f(False, "Use deterministic algorithms (bit-identical reruns).")
+    collective_timeout_s: float = _f(
+        600.0, "Process group timeout: a collective that waits longer fails (NCCL dumps its "
+        "flight recorder).",
+    )  # fmt: skip
+    hang_timeout_s: float = _f(
+        0.0, "Seconds without a finished step before the watchdog dumps every thread's stacks "
+        "into run.dir/hang/ and exits 75 (0 = auto: 10x the median step, at least 300 s; 1800 "
+        "s until 5 steps are timed).",
+    )  # fmt: skip
     float8: str = _f(
         "none", "none, tensorwise or rowwise: the block linears' matmuls in float8 through "
         "torchao (the float8 extra; GPUs of sm_89 and newer, emulated on CPU). Meant with "
@@ -154,7 +168,12 @@ class KernelsConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _f(500, "Save every this many steps and at the end (0 = never: benchmarks).")
+    interval: int | str = _f(
+        500, 'Save every this many steps and at the end; 0 = never (benchmarks); or "auto": the '
+        "Young-Daly interval sqrt(2 x save cost x checkpoint.mtbf_hours) once the first save is "
+        "timed.",
+        keywords=("auto",),
+    )  # fmt: skip
     keep: int = _f(3, "Newest checkpoints kept on disk.")
     async_save: bool = _f(False, "Save in the background; block only while staging.", key="async")
     init_from: str = _f("", "Checkpoint to initialise a new run from (weights only), verified "
@@ -162,6 +181,10 @@ class CheckpointConfig:
                             "refused unless checkpoint.verify_init_from = false.")
     verify_init_from: bool = _f(True, "false: load a checkpoint.init_from that has no checksums "
                                       "(no trainer.json), unverified, with a warning.")
+    mtbf_hours: float = _f(
+        0.0, "Mean time between failures of the whole job, in hours (0 = unknown); the report "
+        "then gives the Young-Daly checkpoint interval.",
+    )  # fmt: skip
 
 
 @dataclass
@@ -170,6 +193,10 @@ class MetricsConfig:
     wandb: bool = _f(False, "Also log to Weights & Biases (needs the wandb extra).")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard extra).")
     profile_steps: int = _f(0, "Record a torch.profiler trace of this many steps (0 = off).")
+    straggler_factor: float = _f(
+        1.2, "Ranks whose step time (waits for other ranks left out) or data wait exceeds the "
+        "median by this factor are named in the log and the report.",
+    )  # fmt: skip
 
 
 @dataclass
@@ -218,6 +245,16 @@ def _closest(word: str, options: Iterable[str]) -> str:
 
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _int_or_keyword(key: str, value: Any, keywords: Sequence[str]) -> int | str:
+    """An `int | str` field: an integer >= 0 (not a bool), or exactly one of its keywords. The
+    one parse of such a field, for files, the command line and dataclasses built in code."""
+    if (isinstance(value, int) and not isinstance(value, bool) and value >= 0) \
+            or (isinstance(value, str) and value in keywords):
+        return value
+    allowed = " or ".join(f'"{k}"' for k in keywords)
+    raise ValueError(f"{key} = {value!r}: expected an integer >= 0 or {allowed}")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -277,6 +314,10 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     if typing.get_origin(tp) is list:
         setattr(getattr(cfg, section), f.name,
                 _table_list(f"{section}.{key}", value, typing.get_args(tp)[0]))
+        return
+    if tp == int | str:
+        setattr(getattr(cfg, section), f.name,
+                _int_or_keyword(f"{section}.{key}", value, f.metadata["keywords"]))
         return
     if tp is str and not isinstance(value, str):
         value = str(value).lower() if isinstance(value, bool) else str(value)
@@ -419,7 +460,7 @@ def validate(cfg: Config) -> Config:
     _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))
     _choice("kernels.attention_backward", cfg.kernels.attention_backward,
             ("atomic", "deterministic"))  # fmt: skip
-    _positive("checkpoint.interval", cfg.checkpoint.interval, zero_ok=True)
+    _check_resilience(cfg)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("metrics.log_interval", cfg.metrics.log_interval)
     _positive("metrics.profile_steps", cfg.metrics.profile_steps, zero_ok=True)
@@ -434,6 +475,26 @@ def validate(cfg: Config) -> Config:
     _positive("carbon.pue", cfg.carbon.pue)
     _positive("carbon.intensity_kg_per_kwh", cfg.carbon.intensity_kg_per_kwh, zero_ok=True)
     return cfg
+
+
+def _check_resilience(cfg: Config) -> None:
+    """Timeouts, the checkpoint interval and the straggler factor."""
+    t, c = cfg.train, cfg.checkpoint
+    _positive("train.collective_timeout_s", t.collective_timeout_s)
+    _positive("train.hang_timeout_s", t.hang_timeout_s, zero_ok=True)
+    if t.hang_timeout_s >= t.collective_timeout_s:
+        # A hang inside a collective would end in the process group's timeout, without stacks.
+        raise ValueError(f"train.hang_timeout_s = {t.hang_timeout_s!r}: must be shorter than "
+                         f"train.collective_timeout_s = {t.collective_timeout_s!r} (or 0 = auto)")
+    _positive("checkpoint.mtbf_hours", c.mtbf_hours, zero_ok=True)
+    _int_or_keyword("checkpoint.interval", c.interval, _keys(CheckpointConfig)["interval"]
+                    .metadata["keywords"])
+    if c.interval == "auto" and not c.mtbf_hours:
+        raise ValueError('checkpoint.interval = "auto": needs checkpoint.mtbf_hours > 0 (the '
+                         "mean time between failures of the whole job, in hours)")
+    if not cfg.metrics.straggler_factor > 1:
+        raise ValueError(f"metrics.straggler_factor = {cfg.metrics.straggler_factor!r}: "
+                         "expected a number > 1")
 
 
 def _validate_mix(data: DataConfig) -> None:

@@ -8,7 +8,9 @@ clips, steps AdamW on the §2.2 schedule and logs; checkpoints are saved every
 Exit codes: 0 done; 2 bad configuration, or a run directory this run must not use (held by another
 run, or holding checkpoints of another run, or checkpoints none of which loads); 3 too many
 non-finite losses in a row; 4 disk full; 130 interrupted (SIGINT);
-75 (REQUEUE_EXIT_CODE) a SIGUSR1 or SIGTERM was received, a checkpoint was saved: requeue me.
+75 (REQUEUE_EXIT_CODE) requeue me, resuming from the latest checkpoint: a SIGUSR1 or SIGTERM was
+received and a checkpoint saved, or the watchdog saw no progress for train.hang_timeout_s (stacks
+in `<run.dir>/hang/`), or a collective failed because another rank was lost.
 torchrun reports any non-zero worker exit as its own exit 1, so a stop for requeue also leaves the
 file `<run.dir>/requeue` (the step and the reason), which launchers read; the next start removes it.
 """
@@ -23,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ import torch.distributed as dist
 from llamatrain.carbon import EnergyMeter, account, format_accounting
 from llamatrain.checkpoint.dcp import Checkpointer, load_model_weights
 from llamatrain.checkpoint.identity import new_run_id, run_identity
+from llamatrain.checkpoint.interval import SaveSchedule
+from llamatrain.checkpoint.interval import markdown as interval_markdown
 from llamatrain.checkpoint.rundir import (
     REQUEUE,
     RunDir,
@@ -60,8 +64,10 @@ from llamatrain.data.loader import BatchLoader
 from llamatrain.distributed.float8 import Float8
 from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
-from llamatrain.distributed.world import World, init_distributed
+from llamatrain.distributed.world import World, collective_timeout_s, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
+from llamatrain.goodput import Goodput
+from llamatrain.goodput import markdown as goodput_markdown
 from llamatrain.kernels_choice import choose_kernels
 from llamatrain.loss import IGNORE_INDEX, loss_context, micro_batch_loss
 from llamatrain.metrics import (
@@ -72,8 +78,11 @@ from llamatrain.metrics import (
     require_optional,
 )
 from llamatrain.model import Transformer, num_params
+from llamatrain.requeue import REQUEUE_EXIT_CODE, peer_lost, read_failures, record_exit
+from llamatrain.stragglers import Stragglers
+from llamatrain.stragglers import markdown as straggler_markdown
+from llamatrain.watchdog import Watchdog, set_aside
 
-REQUEUE_EXIT_CODE = 75
 REQUEUE_MARKER = REQUEUE
 BAD_STEPS_EXIT_CODE = 3
 DISK_FULL_EXIT_CODE = 4
@@ -86,12 +95,16 @@ class Faults:
     steps whose loss is made NaN), LLAMATRAIN_FAULT_STOP_STEP (act as if SIGUSR1 arrived before
     that step), LLAMATRAIN_FAULT_KILL_STEP (the last rank SIGKILLs itself before that step, on
     torchrun's first attempt only), LLAMATRAIN_FAULT_SIGNAL=STEP:RANK (that rank alone sends
-    itself a real SIGUSR1 before that step)."""
+    itself a real SIGUSR1 before that step), LLAMATRAIN_FAULT_HANG=STEP:RANK (that rank stops for
+    good before that step), LLAMATRAIN_FAULT_SLOW=RANK:SECONDS (that rank sleeps in every step,
+    before its first collective)."""
 
     nan_steps: frozenset[int] = frozenset()
     stop_step: int | None = None
     kill_step: int | None = None
     signal_at: tuple[int, ...] | None = None
+    hang_at: tuple[int, ...] | None = None
+    slow: tuple[int, float] | None = None
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -100,12 +113,16 @@ class Faults:
         def step(name: str) -> int | None:
             return int(env[name]) if env.get(name) else None
 
+        def pair(name: str) -> tuple[int, ...] | None:
+            value = env.get(name, "")
+            return tuple(int(x) for x in value.split(":")) if value else None
+
         nan = env.get("LLAMATRAIN_FAULT_NAN_STEPS", "")
-        sig = env.get("LLAMATRAIN_FAULT_SIGNAL", "")
-        signal_at = tuple(int(x) for x in sig.split(":")) if sig else None
+        slow = env.get("LLAMATRAIN_FAULT_SLOW", "")
         return cls(frozenset(int(s) for s in nan.split(",") if s),
                    step("LLAMATRAIN_FAULT_STOP_STEP"), step("LLAMATRAIN_FAULT_KILL_STEP"),
-                   signal_at)
+                   pair("LLAMATRAIN_FAULT_SIGNAL"), pair("LLAMATRAIN_FAULT_HANG"),
+                   (int(slow.split(":")[0]), float(slow.split(":")[1])) if slow else None)
 
     def at_step_boundary(self, trainer: Trainer) -> None:
         if trainer.step == self.stop_step:
@@ -116,6 +133,12 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.signal_at == (trainer.step, world.rank):
             signal.raise_signal(signal.SIGUSR1)
+        while self.hang_at == (trainer.step, world.rank):
+            time.sleep(3600)  # until the watchdog ends the process
+
+    def in_step(self, world: World) -> None:
+        if self.slow is not None and self.slow[0] == world.rank:
+            time.sleep(self.slow[1])
 
 
 class TooManyBadSteps(RuntimeError):
@@ -231,7 +254,10 @@ class Trainer:
         self.backend = self.kernel_choice.resolved
         self.log(self.kernel_choice.summary())
         self.faults = Faults.from_env()
+        self.goodput = Goodput(num_devices=world.world_size)
+        self.schedule = SaveSchedule(cfg.checkpoint)
         self.staging_wait_s = 0.0  # time the loop waited for async checkpoint staging
+        self.sync_wait_s = 0.0  # this step's wait for the other ranks at its first collective
         self.loader: BatchLoader | None = None  # started at the first step, after a restore
         self.state_bytes: dict[str, int] = {}
         self.lock = self._lock_run_dir()
@@ -262,6 +288,8 @@ class Trainer:
         return lock
 
     def release(self) -> None:
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -272,11 +300,18 @@ class Trainer:
             use_deterministic_algorithms()
 
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        timeout = collective_timeout_s()
         self.log(f"world {world.world_size} on {world.num_nodes} node(s), {self.device_name}, "
                  f"kernels {self.backend}, {str(self.dtype).removeprefix('torch.')}; global batch "
                  f"{self.global_batch} x {cfg.train.seq_len} tokens, {self.accum} micro-batch(es) "
                  f"of {cfg.train.micro_batch_size} per rank; SLURM_RESTART_COUNT {restarts}, "
-                 f"torchrun restarts {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+                 f"torchrun restarts {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}; "
+                 f"collective timeout {'n/a' if timeout is None else f'{timeout:.0f} s'}")
+        self.stragglers = Stragglers(world, cfg.metrics.straggler_factor, self.log)
+        self.watchdog = Watchdog(self.run_dir, rank=world.rank, world_size=world.world_size,
+                                 gpu=world.gpu, timeout_s=cfg.train.hang_timeout_s,
+                                 on_fire=self._on_hang, flight_recorder=self.device.type == "cuda",
+                                 log=self.log)
         self._setup_data()
         self.benchmarks = _benchmarks(cfg, self.train_data.tokenizer, self.log)
         self.metrics = MetricsLogger(self.run_dir, cfg.metrics, enabled=world.is_main,
@@ -354,7 +389,9 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "sampler": self.sampler.state_dict(), "schedule": {"step": self.step},
                 "bad_steps": self.bad_steps, "wall_s": self.wall_s,
-                "energy_kwh": self._energy_so_far(), "float8": self.cfg.train.float8}
+                "energy_kwh": self._energy_so_far(), "float8": self.cfg.train.float8,
+                "goodput": asdict(self.goodput.ledger()),
+                "checkpoint_interval": self.schedule.state_dict()}
 
     def save(self) -> None:
         if self.bad_steps:
@@ -363,16 +400,26 @@ class Trainer:
             self.log(f"step {self.step}: no checkpoint during a non-finite streak; a resume "
                      f"starts from {start}")
             return
-        blocked = self.checkpointer.save(self.step, self.model, self.optimizer,
-                                         self._trainer_state())
+        with self.watchdog.long_phase(self.step, "checkpoint"):
+            blocked = self.checkpointer.save(self.step, self.model, self.optimizer,
+                                             self._trainer_state())
+            # The job's save cost is its slowest rank's; every rank then computes one interval.
+            cost = torch.tensor([blocked, self.checkpointer.last_total_s or 0.0,
+                                 self.watchdog.median_step_s or 0.0], device=self.device)
+            blocked_max, total, step_s = _all_reduce(cost, dist.ReduceOp.MAX).tolist()
+        self.goodput.stalled(blocked)
+        self.schedule.measured(blocked_s=blocked_max, total_s=total, step_s=step_s)
         mode = "async, " if self.cfg.checkpoint.async_save else ""
-        self.log(f"checkpoint step-{self.step} ({mode}blocked {blocked:.2f} s)")
+        every = (f"; next in {self.schedule.every} steps (auto)" if self.schedule.auto else "")
+        self.log(f"checkpoint step-{self.step} ({mode}blocked {blocked:.2f} s){every}")
         self.last_saved = self.step
 
     def restore(self) -> None:
         self.step = self.tokens_seen = self.bad_steps = 0
         self.wall_s = self.energy_kwh = 0.0
+        start = time.perf_counter()
         restored = self.checkpointer.restore(self.model, self.optimizer, log=self.log)
+        self.goodput.restore_took(time.perf_counter() - start)
         if restored is None:
             if self.cfg.checkpoint.init_from:
                 load_model_weights(self.cfg.checkpoint.init_from, self.model,
@@ -388,6 +435,9 @@ class Trainer:
         self.energy_kwh = state.get("energy_kwh") or 0.0
         self.sampler.load_state_dict(state["sampler"])
         self.last_saved = self.step
+        self.schedule.load_state_dict(state.get("checkpoint_interval"))
+        if self.world.is_main:  # only rank 0's ledger is saved and reported
+            self.goodput.resumed(self.run_dir, state, log=self.log)
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {restored.path} (step {self.step}, saved at world size "
                  f"{state['saved_world_size']})")
@@ -395,6 +445,12 @@ class Trainer:
         if state.get("float8", "none") != self.cfg.train.float8:
             self.log(f"train.float8 {state.get('float8', 'none')!r} -> "
                      f"{self.cfg.train.float8!r} from this step on")
+
+    def _on_hang(self, step: int, line: str) -> None:
+        """The watchdog fired (its own thread): leave the requeue marker like a stop does."""
+        if self.world.is_main:
+            marker = {"step": step, "reason": line}
+            write_atomic(self.files.requeue, json.dumps(marker) + "\n")
 
     # ------------------------------------------------------------------------------------------
 
@@ -425,7 +481,11 @@ class Trainer:
         weighted by its share of the global target count (FSDP then averages over the data-parallel
         ranks). Sums over all ranks count each tensor-parallel group tp times."""
         counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro]).to(self.device)
+        sync = time.perf_counter()
         global_count = (_all_reduce(counts.sum().float()) / self.tp).clamp(min=1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the wait for the other ranks, seen by the host
+        self.sync_wait_s = time.perf_counter() - sync  # stragglers: the others' lateness
         total = torch.zeros((), device=self.device)
         with loss_context(self.mesh):
             for i, batch in enumerate(micro):
@@ -470,6 +530,7 @@ class Trainer:
         self.restore()  # first: a refused resume leaves the directory as it found it
         if self.world.is_main:
             self.files.requeue.unlink(missing_ok=True)
+            set_aside(self.run_dir)  # a previous hang's records, before this attempt's watchdog
             write_atomic(self.files.config, to_toml(cfg))
             # The run's own copy of its tokenizer: exports and evaluation read it from here.
             copy_file(self.train_data.path / "tokenizer.model", self.files.tokenizer)
@@ -478,8 +539,10 @@ class Trainer:
             return 0
         start_step, window = self.step, _Window()
         profiler = self._profiler()
+        self.watchdog.start(self.step)
         while self.step < cfg.train.steps:
             self.faults.at_step_boundary(self)
+            self.watchdog.mark(self.step, "boundary")
             stop_code = self._agree_to_stop()
             if stop_code:
                 if self.last_saved != self.step:
@@ -496,9 +559,15 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             micro, data_wait = self._micro_batches()
+            self.watchdog.mark(self.step, "batch")
+            self.faults.in_step(self.world)
             loss, grad_norm = self.train_step(micro)
+            self.watchdog.mark(self.step, "backward")
+            staged = 0.0
             if math.isfinite(loss) and math.isfinite(grad_norm):
-                self.staging_wait_s += self.checkpointer.before_update()
+                staged = self.checkpointer.before_update()
+                self.staging_wait_s += staged
+                self.goodput.stalled(staged)
                 self.optimizer.step()
                 if self.float8 is not None:
                     self.float8.after_optimizer_step(self.model)
@@ -521,7 +590,9 @@ class Trainer:
             self.tokens_seen += self.global_batch * cfg.train.seq_len
             step_time = time.perf_counter() - t0
             self.wall_s += step_time
-            window.add(step_time, data_wait)
+            self.goodput.step(step_time - staged)
+            self.watchdog.step_done(self.step, step_time)
+            window.add(step_time, data_wait, self.sync_wait_s)
             if profiler is not None:
                 profiler.step()
             self.checkpointer.poll()
@@ -529,13 +600,17 @@ class Trainer:
                 self._log_step(loss, grad_norm, lr, window, self.step - start_step)
                 window = _Window()
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
-                self._log_eval()
+                with self.watchdog.long_phase(self.step, "evaluation"):
+                    self._log_eval()
             if self.benchmarks and self.benchmarks.due(self.step,
                                                        final=self.step == cfg.train.steps):
-                self._log_benchmarks()
-            if cfg.checkpoint.interval and (self.step % cfg.checkpoint.interval == 0
-                                            or self.step == cfg.train.steps):
+                with self.watchdog.long_phase(self.step, "benchmarks"):
+                    self._log_benchmarks()
+            if self.schedule.due(self.step, last_saved=self.last_saved,
+                                 steps_this_run=self.step - start_step,
+                                 final=self.step == cfg.train.steps):
                 self.save()
+        self.watchdog.close()
         self._close_loader()
         if cfg.train.eval_interval == 0 or self.step % cfg.train.eval_interval:
             self._log_eval()
@@ -559,6 +634,9 @@ class Trainer:
         tokens_per_s = window.steps * self.global_batch * cfg.train.seq_len / window.time / \
             self.world.world_size
         kwh = self._energy_so_far()
+        stragglers = self.stragglers.interval(
+            self.step, (window.time - window.sync_wait) / window.steps,
+            window.data_wait / window.steps)
         rec = {
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
@@ -567,6 +645,7 @@ class Trainer:
             "mem_gb": memory_gb(self.device), "step_time_s": window.time / window.steps,
             "data_wait_s": window.data_wait / window.steps, "bad_steps": self.bad_steps,
             "energy_kwh": kwh, "tokens_per_source": self._tokens_per_source(),
+            **stragglers, "time": time.time(),
         }
         self.metrics.log(rec, steps_done_this_run=steps_this_run, step=self.step)
 
@@ -624,21 +703,27 @@ class Trainer:
     def report(self) -> dict[str, Any]:
         """report.json and report.md: what the run did and what it cost."""
         cfg, world = self.cfg, self.world
+        # Throughput from the time in steps; cost (device-hours, energy, carbon) from the whole
+        # wall time of every attempt, lost work included, at each attempt's world size.
         tokens_per_s = self.tokens_seen / max(self.wall_s, 1e-9)
-        acct = account(cfg.carbon, num_devices=world.world_size, wall_s=self.wall_s,
+        goodput = self.goodput.report()
+        acct = account(cfg.carbon, num_devices=world.world_size,
+                       wall_s=goodput["device_s"] / world.world_size,
                        device_name=self.device_name, measured_kwh=self._energy_so_far())
         per_device = tokens_per_s / world.world_size
         report = {
             "run": cfg.run.name, "world_size": world.world_size, "num_nodes": world.num_nodes,
             "device": self.device_name, "kernels": self.backend,
             "kernel_choice": self.kernel_choice.as_dict(), "params": self.num_params,
-            "steps": self.step, "tokens": self.tokens_seen, "wall_s": self.wall_s,
+            "steps": self.step, "tokens": self.tokens_seen, "step_time_total_s": self.wall_s,
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
             "mfu": model_flops_utilisation(per_device, cfg.model, cfg.train.seq_len,
                                            self.device_name, "bf16"),
-            "device_hours": world.world_size * self.wall_s / 3600,
             "checkpoint_staging_wait_s": self.staging_wait_s,
             "state_bytes_per_rank": self.state_bytes, "sources": self._source_report(), **acct,
+            "wall_s": goodput["wall_s"], "device_hours": goodput["device_hours"],
+            "goodput": goodput, "checkpoint": self.schedule.report(),
+            "stragglers": self.stragglers.report(), "failures": read_failures(self.run_dir),
         }
         if world.is_main:
             records = read_metrics(self.files.metrics)
@@ -651,6 +736,9 @@ class Trainer:
             write_atomic(
                 self.files.report_md, _report_markdown(report, acct)
                 + (f"\n## Benchmarks (§2.3, Table 3)\n\n{table}" if table else ""))
+            self.log(f"goodput {100 * (goodput['goodput'] or 0):.1f}% over "
+                     f"{goodput['attempts']} attempt(s): {goodput['productive_s']:.1f} s of steps "
+                     f"in {goodput['wall_s']:.1f} s wall, {goodput['lost_steps']} step(s) lost")
             plot = plot_loss(self.run_dir)
             self.log(f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
                      f"{self.wall_s:.1f} s; {format_accounting(acct)}; report "
@@ -675,12 +763,13 @@ class _Window:
     """Timing of the steps since the last log line."""
 
     def __init__(self) -> None:
-        self.steps, self.time, self.data_wait = 0, 0.0, 0.0
+        self.steps, self.time, self.data_wait, self.sync_wait = 0, 0.0, 0.0, 0.0
 
-    def add(self, step_time: float, data_wait: float) -> None:
+    def add(self, step_time: float, data_wait: float, sync_wait: float) -> None:
         self.steps += 1
         self.time += step_time
         self.data_wait += data_wait
+        self.sync_wait += sync_wait
 
 
 def _benchmarks(cfg: Config, tokenizer, log):
@@ -695,15 +784,22 @@ def _benchmarks(cfg: Config, tokenizer, log):
     return TrainingBenchmarks(cfg.eval, tokenizer, log=log)
 
 
+_SECTIONS = ("goodput", "checkpoint", "stragglers", "failures")
+
+
 def _report_markdown(report: dict[str, Any], acct: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.6g}"
         return "n/a" if v is None else str(v)
 
-    rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in report.items())
+    rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in report.items() if k not in _SECTIONS)
     return (f"# Run report: {report['run']}\n\n| what | value |\n| --- | --- |\n{rows}\n\n"
-            f"{format_accounting(acct)}\n")
+            f"{format_accounting(acct)}\n\n"
+            f"## Goodput (every attempt)\n\n"
+            f"{goodput_markdown(report['goodput'], report['failures'])}\n"
+            f"## Checkpoint interval\n\n{interval_markdown(report['checkpoint'])}\n"
+            f"## Stragglers\n\n{straggler_markdown(report['stragglers'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,22 +813,32 @@ def main(argv: list[str] | None = None) -> int:
     if path is None:
         raise ValueError("--config: required (e.g. --config configs/tiny.toml)")
     cfg = load_config(path, overrides)
-    world = init_distributed()
+    world = init_distributed(cfg.train.collective_timeout_s)
     trainer = None
     try:
         trainer = Trainer(cfg, world, stop)
         code = trainer.train()
         if dist.is_initialized():
             dist.barrier()  # leave together: a rank tearing down alone can abort its peers
+        record_exit(code, "saved" if code == REQUEUE_EXIT_CODE else "done")
         return code
     except TooManyBadSteps as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        record_exit(BAD_STEPS_EXIT_CODE, "bad-steps")
         return BAD_STEPS_EXIT_CODE
     except BaseException as e:
+        if trainer is not None and trainer.watchdog.fired:
+            trainer.watchdog.wait_for_exit()  # it ends the process with its own exit code
         code, message = exit_code_for(e, cfg.run.dir)
         if code is None:
+            if isinstance(e, ValueError):  # run_cli prints it and exits 2
+                record_exit(2, "configuration")
+            else:
+                record_exit(1, f"crash-{type(e).__name__}")
             raise
         print(message, file=sys.stderr, flush=True)
+        record_exit(code, {REQUEUE_EXIT_CODE: "peer-lost", INTERRUPTED_EXIT_CODE: "interrupted",
+                           DISK_FULL_EXIT_CODE: "disk-full"}[code])
         return code
     finally:
         if trainer is not None:
@@ -743,11 +849,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_code_for(error: BaseException, run_dir: str) -> tuple[int | None, str]:
-    """(exit code, one line) for an interrupt or a full disk, wherever it was raised (DCP wraps
-    what its threads and ranks raise); (None, "") for anything else."""
+    """(exit code, one line) for an interrupt, a full disk or a lost peer, wherever it was raised
+    (DCP wraps what its threads and ranks raise); (None, "") for anything else."""
     causes = list(_causes(error))
     if any(isinstance(c, KeyboardInterrupt) for c in causes):
         return INTERRUPTED_EXIT_CODE, "interrupted (SIGINT): stopped without saving"
+    if peer_lost(error):
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return REQUEUE_EXIT_CODE, (
+            f"error: a collective failed because another rank was lost ({type(error).__name__}: "
+            f"{first}); exiting {REQUEUE_EXIT_CODE} to be requeued from the last checkpoint")
     full = [c for c in causes if isinstance(c, OSError) and c.errno == errno.ENOSPC]
     if full:
         where = full[0].filename or run_dir

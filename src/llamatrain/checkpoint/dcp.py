@@ -111,6 +111,7 @@ class _Pending:
     final: Path
     writer: safe_dcp.ChecksummingWriter
     state: dict[str, Any]
+    started: float  # perf_counter at the start of the save
     upload: Future | None = None
 
 
@@ -129,6 +130,9 @@ class Checkpointer:
         # What defines this run; its run_id is adopted from the checkpoint a resume loads.
         self.identity = identity
         self._pending: _Pending | None = None
+        # Seconds from the start of the last published save to its publication (its total cost,
+        # of which `save` returns the part the caller was blocked).
+        self.last_total_s: float | None = None
         self._staging: Future | None = None
         self._stager: DefaultStager | None = None  # made by the first async save
         # Background saves talk on their own gloo group so they never interleave with the
@@ -188,7 +192,7 @@ class Checkpointer:
         state = dict(trainer_state, identity=self.identity, saved_world_size=self.world_size,
                      time=time.time())
         pending = _Pending(tmp, final, safe_dcp.ChecksummingWriter(tmp, thread_count=WRITE_THREADS),
-                           state)
+                           state, start)
         app_state = self._app_state(model, optimizer)
         if self.cfg.async_save:
             response = dcp.async_save(app_state, storage_writer=pending.writer,
@@ -253,6 +257,7 @@ class Checkpointer:
             self._prune()
         if collective:
             self._barrier()
+        self.last_total_s = time.perf_counter() - pending.started
 
     def _ours(self, path: Path) -> bool:
         """Whether checkpoint `path` was written by this run (same run_id)."""

@@ -8,7 +8,10 @@ metrics logger, `convert` and `evaluate` ask this module instead of spelling the
       metrics.jsonl  config.toml  tokenizer.model  report.json  report.md  loss.png
       requeue                 left by a stop for requeue (step and reason)
       LOCK  .flock            the run lock (checkpoint.runlock)
-      .requeue-<job>/         launch/pretrain.sbatch's markers of a stop for requeue
+      .requeue-<job>/         the ranks' exit records for pretrain.sbatch (llamatrain.requeue)
+      failures.jsonl          the failures pretrain.sbatch requeued after (llamatrain.requeue)
+      hang/                   the hang watchdog's stacks and records (llamatrain.watchdog); a
+      hang.<time>/            previous attempt's, set aside when the next one starts
       nccl_trace/             launch/fabric.sh's NCCL flight recorder dumps
       profile/  tensorboard/  when metrics.profile_steps / metrics.tensorboard ask for them
 
@@ -51,8 +54,10 @@ LOCK = "LOCK"
 FLOCK = ".flock"
 PROFILE = "profile"
 TENSORBOARD = "tensorboard"
-# launch/pretrain.sbatch's per-job directory of "saved on request" markers (.requeue-<job id>).
+# launch/pretrain.sbatch's per-job directory of the ranks' exit records (.requeue-<job id>).
 REQUEUE_DIR_PREFIX = ".requeue-"
+FAILURES = "failures.jsonl"
+HANG = "hang"
 # launch/fabric.sh's directory for the NCCL flight recorder's dumps, made before the run starts.
 NCCL_TRACE = "nccl_trace"
 
@@ -106,6 +111,14 @@ class RunDir:
     @property
     def lock(self) -> Path:
         return self.path / LOCK
+
+    @property
+    def failures(self) -> Path:
+        return self.path / FAILURES
+
+    @property
+    def hang(self) -> Path:
+        return self.path / HANG
 
     @property
     def flock(self) -> Path:
@@ -259,11 +272,12 @@ SYSTEM_DIRS = frozenset({
 # ... nor anywhere below these (/dev/shm, a RAM disk, is a place for runs).
 SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
                 "/sbin", "/sys", "/usr")
-FILES = (METRICS, CONFIG, TOKENIZER, REPORT_JSON, REPORT_MD, LOSS_PLOT, REQUEUE, LOCK, FLOCK)
-DIRS = (CHECKPOINTS, PROFILE, TENSORBOARD)
+FILES = (METRICS, CONFIG, TOKENIZER, REPORT_JSON, REPORT_MD, LOSS_PLOT, REQUEUE, LOCK, FLOCK,
+         FAILURES)
+DIRS = (CHECKPOINTS, PROFILE, TENSORBOARD, HANG)
 # What a run leaves before its first checkpoint: an attempt that stopped there starts over.
 _LEFTOVERS = (CHECKPOINTS, PROFILE, TENSORBOARD, "wandb", NCCL_TRACE, METRICS, CONFIG, TOKENIZER,
-              REQUEUE, LOCK, FLOCK)
+              REQUEUE, LOCK, FLOCK, FAILURES, HANG)
 # What only a run that went to its end writes (after its last checkpoint).
 _FINISHED = (REPORT_JSON, REPORT_MD, LOSS_PLOT)
 
@@ -293,7 +307,8 @@ def _system_dir(path: Path) -> str | None:
 def _ours(name: str) -> bool:
     """Whether an entry of run.dir is one a run writes before its first checkpoint (its temporary
     files included)."""
-    return (name in _LEFTOVERS or name.startswith((f"{LOCK}.stale-", REQUEUE_DIR_PREFIX))
+    return (name in _LEFTOVERS
+            or name.startswith((f"{LOCK}.stale-", REQUEUE_DIR_PREFIX, f"{HANG}."))
             or any(name.startswith(f".{n}.") for n in FILES))
 
 

@@ -27,9 +27,24 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def gpu(self) -> int | None:
+        """This rank's GPU as the node numbers it (CUDA_VISIBLE_DEVICES maps ours to it); None on
+        a CPU."""
+        if self.device.type != "cuda":
+            return None
+        index = self.device.index or 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        if index < len(visible) and visible[index].strip().isdigit():
+            return int(visible[index])
+        return index
 
-def init_distributed() -> World:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), else a world of 1."""
+
+def init_distributed(timeout_s: float | None = None) -> World:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), else a world of 1.
+
+    `timeout_s` (train.collective_timeout_s) bounds every collective: one that waits longer
+    fails instead of hanging (NCCL then dumps its flight recorder); None keeps torch's default."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,14 +56,27 @@ def init_distributed() -> World:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
         dist.init_process_group(backend, store=_attempt_store(rank, world_size), rank=rank,
-                                world_size=world_size,
+                                world_size=world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     elif world_size == 1 and device.type == "cuda":
         # One GPU without torchrun still trains through FSDP2 (for its mixed precision), whose
         # device mesh needs a process group: a group of one, with an in-memory store.
         init_single_process_group(backend)
     return World(rank, world_size, local_rank, local_world_size, device)
+
+
+def collective_timeout_s() -> float | None:
+    """The default process group's collective timeout, as the group itself holds it."""
+    if not dist.is_initialized():
+        return None
+    group = dist.distributed_c10d._get_default_group()
+    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    try:
+        return group._get_backend(device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):  # private API: the log says n/a rather than fail
+        return None
 
 
 def init_single_process_group(backend: str) -> None:
