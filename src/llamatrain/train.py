@@ -51,6 +51,7 @@ from llamatrain.data.datasets import open_training_data
 from llamatrain.data.loader import BatchLoader
 from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
+from llamatrain.distributed.pipeline import Pipeline
 from llamatrain.distributed.world import World, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
 from llamatrain.loss import IGNORE_INDEX, loss_context, micro_batch_loss
@@ -200,10 +201,12 @@ class Trainer:
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
         self.dims = ParallelDims.from_config(cfg.parallel, world.world_size,
                                              world.local_world_size)
-        # The ranks of one tensor-parallel group read the same samples.
+        # The ranks of one tensor-parallel group, and of one pipeline, read the same samples.
         self.tp, self.dp_size = self.dims.tp, self.dims.dp_size
         self.dp_rank = self.dims.coordinates(world.rank).dp_rank
         self.global_batch, self.accum = self.dims.batch_geometry(cfg.train)
+        self.pp_micro_batches = self.dims.pipeline_micro_batches(
+            cfg.parallel, n_layers=cfg.model.n_layers, accum=self.accum)
         self.backend = ops.set_backend(cfg.kernels.backend, self.device.type,
                                        attention_backward(cfg))  # fmt: skip
         self.faults = Faults.from_env()
@@ -306,8 +309,15 @@ class Trainer:
         self.num_params = num_params(model)
         use_fsdp = world.world_size > 1 or self.device.type == "cuda"
         self.mesh = self.dims.build_mesh(self.device.type) if use_fsdp else None
-        self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype)
-        materialize(self.model, self.device, seed=cfg.train.seed)
+        self.pipeline = None
+        if self.dims.pp > 1:
+            self.pipeline = Pipeline(cfg, model, self.dims, self.mesh, self.device,
+                                     rank=world.rank, micro_batches=self.pp_micro_batches,
+                                     param_dtype=self.dtype, fused=self._fused)
+            self.model = self.pipeline.model
+        else:
+            self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype)
+            materialize(self.model, self.device, seed=cfg.train.seed)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         mesh = (f"mesh {dict(zip(self.mesh.mesh_dim_names, self.mesh.shape, strict=True))}"
                 if self.mesh else "unsharded")
@@ -377,10 +387,13 @@ class Trainer:
             self.loader.close()
             self.loader = None
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def _fused(self) -> bool:
         # The fused loss needs the whole vocabulary: under tensor parallelism, the sharded logits.
-        fused = self.cfg.kernels.fused_loss and self.tp == 1
-        return micro_batch_loss(self.model, batch, fused=fused)
+        return self.cfg.kernels.fused_loss and self.tp == 1
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return micro_batch_loss(self.model, batch, fused=self._fused)
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches; returns (global loss, grad norm).
@@ -388,22 +401,26 @@ class Trainer:
         The loss is the mean over every unmasked target of the global batch, so SFT's masked
         prompts and unequal micro-batches weigh exactly as they should: each micro-batch's mean is
         weighted by its share of the global target count (FSDP then averages over the data-parallel
-        ranks). Sums over all ranks count each tensor-parallel group tp times."""
+        ranks). Sums over all ranks count each tensor-parallel group tp times, and the targets of
+        each pipeline pp times; under pipelining only the last stage's ranks hold losses."""
         counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro]).to(self.device)
-        global_count = (_all_reduce(counts.sum().float()) / self.tp).clamp(min=1)
+        global_count = (_all_reduce(counts.sum().float()) / (self.tp * self.dims.pp)).clamp(min=1)
+        scale = float("nan") if self.step in self.faults.nan_steps else 1.0
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        if self.pipeline is not None:
+            total = self.pipeline.step(micro, global_count=global_count, scale=scale)
+            norm = self.pipeline.clip_grad_norm_(max_norm)
+            return (_all_reduce(total) / self.tp).item(), norm.item()
         total = torch.zeros((), device=self.device)
         with loss_context(self.mesh):
             for i, batch in enumerate(micro):
                 if self.mesh is not None:
                     self.model.set_requires_gradient_sync(i == len(micro) - 1)
                 loss, count = self._loss(batch)
-                if self.step in self.faults.nan_steps:
-                    loss = loss * float("nan")
-                share = loss * count / global_count
+                share = loss * scale * count / global_count
                 (share * self.dp_size).backward()
                 total += share.detach()
         loss = (_all_reduce(total) / self.tp).item()
-        max_norm = self.cfg.train.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         return loss, norm.item()
@@ -417,13 +434,16 @@ class Trainer:
             return None
         self.model.eval()
         mine = list(range(self.dp_rank, n, dp_size))
-        total = torch.zeros(2, device=self.device)
-        with loss_context(self.mesh):
-            for i in range(0, len(mine), mbs):
-                batch = {k: v.to(self.device)
-                         for k, v in self.val_data.get_batch(mine[i : i + mbs]).items()}
-                loss, count = self._loss(batch)
-                total += torch.stack([loss * count, count.float()])
+        batches = [{k: v.to(self.device) for k, v in self.val_data.get_batch(ids).items()}
+                   for ids in (mine[i : i + mbs] for i in range(0, len(mine), mbs))]
+        if self.pipeline is not None:
+            total = self.pipeline.evaluate(batches)
+        else:
+            total = torch.zeros(2, device=self.device)
+            with loss_context(self.mesh):
+                for batch in batches:
+                    loss, count = self._loss(batch)
+                    total += torch.stack([loss * count, count.float()])
         self.model.train()
         total = _all_reduce(total)  # each tp group counted tp times, in numerator and denominator
         return (total[0] / total[1].clamp(min=1)).item()

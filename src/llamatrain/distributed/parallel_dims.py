@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+# Pipeline schedules with one stage per rank; the others interleave several (looped).
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class ParallelDims:
         world_size / (pp x tp)."""
         if world_size < 1:
             raise ValueError(f"world size = {world_size}: expected >= 1")
-        pp, tp = getattr(cfg, "pp", 1), cfg.tp
+        pp, tp = cfg.pp, cfg.tp
         if world_size % tp:
             raise ValueError(f"parallel.tp = {tp}: must divide the world size {world_size}")
         if gpus_per_node is not None and gpus_per_node % tp:
@@ -107,6 +109,55 @@ class ParallelDims:
 
     def batch_geometry(self, cfg: TrainConfig) -> tuple[int, int]:
         return batch_geometry(cfg, self.dp_size)
+
+    def pipeline_micro_batches(self, cfg: ParallelConfig, *, n_layers: int, accum: int) -> int:
+        """The micro-batches of one run of the pipeline schedule (accum when there is no
+        pipeline), or the ValueError that names what breaks the pipeline's rules: every stage
+        holds at least one block, the schedule has the stages per rank it needs, and the
+        micro-batches divide the accum a data-parallel rank runs per step and fill the
+        pipeline (at least pp of them; a multiple of pp for the interleaved schedules)."""
+        pp, v, schedule = self.pp, cfg.pp_stages_per_rank, cfg.pp_schedule
+        if pp == 1:
+            if v > 1:
+                raise ValueError(f"parallel.pp_stages_per_rank = {v}: needs parallel.pp > 1")
+            return accum
+        if schedule in SINGLE_STAGE_SCHEDULES and v != 1:
+            raise ValueError(f"parallel.pp_stages_per_rank = {v}: parallel.pp_schedule = "
+                             f"{schedule!r} runs one stage per rank (would work: 1, or "
+                             "parallel.pp_schedule = 'interleaved_1f1b' or 'zero_bubble')")
+        if schedule not in SINGLE_STAGE_SCHEDULES and v < 2:
+            raise ValueError(f"parallel.pp_stages_per_rank = {v}: parallel.pp_schedule = "
+                             f"{schedule!r} interleaves 2 or more stages per rank (would work: "
+                             "2 or more, or parallel.pp_schedule = '1f1b')")
+        if pp * v > n_layers:
+            fits = [d for d in range(1, v + 1) if pp * d <= n_layers]
+            hint = (f"parallel.pp_stages_per_rank = {', '.join(map(str, fits))}" if fits
+                    else f"parallel.pp <= {n_layers}")
+            raise ValueError(f"parallel.pp = {pp}: pp x pp_stages_per_rank = {pp} x {v} = "
+                             f"{pp * v} stages for model.n_layers = {n_layers} blocks; every "
+                             f"stage holds at least one (would work: {hint})")
+        looped = schedule not in SINGLE_STAGE_SCHEDULES
+
+        def fills(m: int) -> bool:
+            return m >= pp and (not looped or m % pp == 0)
+
+        rule = f"a multiple of parallel.pp = {pp}" if looped else f"at least parallel.pp = {pp}"
+        if cfg.pp_microbatches == 0:
+            if not fills(accum):
+                raise ValueError(
+                    f"parallel.pp = {pp}: a data-parallel rank runs {accum} micro-batch(es) per "
+                    f"step, which do not fill the pipeline ({schedule} needs {rule}; would "
+                    "work: a smaller train.micro_batch_size, a larger train.global_batch_tokens "
+                    "or fewer data-parallel ranks)")
+            return accum
+        m = cfg.pp_microbatches
+        if accum % m or not fills(m):
+            fits = [d for d in range(1, accum + 1) if accum % d == 0 and fills(d)]
+            raise ValueError(
+                f"parallel.pp_microbatches = {m}: must divide the {accum} micro-batch(es) a "
+                f"data-parallel rank runs per step and be {rule} (would work: "
+                f"{', '.join(map(str, [0, *fits]))})")
+        return m
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The device mesh over the process group: axes pp, dp_replicate and tp where their

@@ -45,17 +45,21 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 
 def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
     """Tensor and sequence parallelism over `mesh` (the tp axis), in place."""
-    parallelize_module(model, mesh, {
+    edges = {
         # Each rank looks up its vocabulary rows; the partial sums are reduce-scattered
         # along the sequence.
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         # Logits stay sharded over the vocabulary for the loss-parallel cross-entropy.
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
                                   use_local_output=False),
-    })
+    }
+    # A pipeline stage holds the embedding or the output projection only at the ends.
+    edges = {name: style for name, style in edges.items() if getattr(model, name) is not None}
+    if edges:
+        parallelize_module(model, mesh, edges)
     gather = {"input_layouts": (Shard(1), None, None),
               "desired_input_layouts": (Replicate(), None, None), "use_local_output": True}
-    for block in model.layers:
+    for block in model.layers.values():
         parallelize_module(block, mesh, {
             "attention": PrepareModuleInput(**gather),
             "attention.wq": ColwiseParallel(),
@@ -91,12 +95,14 @@ def parallelize(
     param_dtype: torch.dtype,
 ) -> Transformer:
     """Apply tensor parallelism, activation checkpointing, compile and FSDP2 in torchtitan's order,
-    in place."""
+    in place; to a whole model or to one pipeline stage (distributed.pipeline) alike."""
     if tp_mesh(mesh) is not None:
         apply_tp(model, tp_mesh(mesh))
-    for i, block in enumerate(model.layers):
+    for key, block in model.layers.items():
+        # Selective checkpointing picks blocks by their index in the whole model, so that a
+        # pipeline stage recomputes what the same blocks recompute without pipelining.
         if cfg.activation_checkpointing == "full" or (
-            cfg.activation_checkpointing == "selective" and i % 2 == 0
+            cfg.activation_checkpointing == "selective" and int(key) % 2 == 0
         ):
             _checkpointed(block)
         if cfg.compile:
@@ -106,9 +112,13 @@ def parallelize(
     mesh = dp_mesh(mesh)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(model.layers.values()):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < last)
+        # Under pipelining a stage's forwards and backwards of all micro-batches interleave:
+        # its parameters stay gathered for the whole step (as torchtitan does), rather than
+        # gathered again for every micro-batch; the schedule reshards them after the last.
+        reshard = i < last and cfg.pp == 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
 
