@@ -18,18 +18,26 @@ from llamatrain.hardware import peak_flops
 
 def num_params(model_cfg: ModelConfig) -> int:
     """Exact parameter count of the Transformer that `model_cfg` describes (untied output)."""
-    dim, n_layers = model_cfg.dim, model_cfg.n_layers
-    n_kv_heads, head_dim = model_cfg.n_kv_heads, model_cfg.head_dim
-    hidden = model_cfg.ffn_hidden
-    attention = 2 * dim * dim + 2 * dim * n_kv_heads * head_dim  # wq, wo + wk, wv
-    block = attention + 3 * dim * hidden + 2 * dim  # w1, w2, w3 + two RMSNorm weights
-    embeddings = 2 * model_cfg.vocab_size * dim  # input table and output projection
-    return n_layers * block + embeddings + dim  # + the final RMSNorm
+    embeddings = 2 * model_cfg.vocab_size * model_cfg.dim  # input table and output projection
+    return model_cfg.n_layers * block_params(model_cfg) + embeddings + model_cfg.dim  # + norm
 
 
 def num_matmul_params(model_cfg: ModelConfig) -> int:
     """Parameters that multiply activations: all but the input embedding table."""
     return num_params(model_cfg) - model_cfg.vocab_size * model_cfg.dim
+
+
+def block_params(model_cfg: ModelConfig) -> int:
+    """Parameters of one transformer block (attention, feed-forward and the two RMSNorm gains)."""
+    dim, hidden = model_cfg.dim, model_cfg.ffn_hidden
+    attention = 2 * dim * dim + 2 * dim * model_cfg.n_kv_heads * model_cfg.head_dim
+    return attention + 3 * dim * hidden + 2 * dim
+
+
+def block_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of one block: its share of
+    flops_per_token, 6 x its parameters + its attention's 12*H*Q*T."""
+    return 6.0 * block_params(model_cfg) + 12.0 * model_cfg.dim * seq_len
 
 
 def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:

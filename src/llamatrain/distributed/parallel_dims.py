@@ -169,6 +169,27 @@ class ParallelDims:
         return init_device_mesh(device_type, tuple(axes.values()), mesh_dim_names=tuple(axes))
 
 
+def stage_blocks(n_layers: int, num_stages: int) -> list[range]:
+    """The blocks of each pipeline stage (distributed.pipeline builds the stages): an even
+    split; a remainder goes one block each to the inner stages, then to the first, then to the
+    last, because the first also holds the embedding and the last the final norm, the output
+    projection and the loss."""
+    assert 1 <= num_stages <= n_layers, (num_stages, n_layers)
+    base, extra = divmod(n_layers, num_stages)
+    sizes = [base] * num_stages
+    order = list(range(1, num_stages - 1)) + [0, num_stages - 1]
+    for s in order[:extra]:
+        sizes[s] += 1
+    starts = [sum(sizes[:s]) for s in range(num_stages)]
+    return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+
+
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
+    """The stages pipeline rank pp_rank holds, looped as torch's interleaved schedules place
+    them: r, r + pp, r + 2 pp, ..."""
+    return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The data-parallel part of the mesh, over which FSDP shards (and replicates)."""
     names = mesh.mesh_dim_names or ()

@@ -1,21 +1,22 @@
-"""Pipeline parallelism with torch.distributed.pipelining: which blocks each stage holds, this
-rank's stage modules, and the schedule that runs a step's micro-batches through them.
+"""Pipeline parallelism with torch.distributed.pipelining: this rank's stage modules, and the
+schedule that runs a step's micro-batches through them.
 
-The blocks are split into pp x pp_stages_per_rank stages, evenly; when they do not divide, the
-remainder goes one block each to the inner stages first, then to the first stage, then to the
-last, because the first stage also holds the embedding and the last the final norm, the output
-projection and the loss. A stage is the Transformer with the other blocks removed and, away from
-the ends, its embedding or output set to None (model.py runs what it holds), so its parameters
-keep their names in the whole model: DCP saves the same names at any pp degree, a checkpoint
-resumes across pp degrees and `convert to-hf` reads it unchanged. Each stage module gets TP, AC,
-compile and FSDP2 from parallelize(), as a whole model does.
+The blocks are split into pp x pp_stages_per_rank stages by parallel_dims.stage_blocks (evenly;
+a remainder goes to the inner stages first, because the first stage also holds the embedding and
+the last the final norm, the output projection and the loss), placed looped: rank r holds stages
+r, r + pp, ... (parallel_dims.stage_ids). A stage is the Transformer with the other blocks removed
+and, away from the ends, its embedding or output set to None (model.py runs what it holds), so its
+parameters keep their names in the whole model: DCP saves the same names at any pp degree, a
+checkpoint resumes across pp degrees and `convert to-hf` reads it unchanged. Each stage module
+gets TP, AC, compile and FSDP2 from parallelize(), as a whole model does.
 
-Stages sit on ranks looped (rank r holds stages r, r + pp, ...) or, for zero_bubble (torch's
-ZBV schedule), in a V (rank r holds stages r and 2 pp - 1 - r). The last stage computes the loss
-of llamatrain.loss (fused with the output projection inside its forward, which FSDP wraps, or of
-its logits); the schedule's loss function weighs each micro-batch by its share of the global
-batch's unmasked targets, as the trainer does without pipelining, so torch's own gradient
-scaling by 1 / micro-batches is turned off.
+Schedules (parallel.pp_schedule): torch's ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B
+and ScheduleInterleavedZeroBubble (ZB1P: backward split into input- and weight-gradient passes).
+The last stage computes the loss of llamatrain.loss: fused with the output projection inside its
+forward (which FSDP wraps, so output.weight is gathered as for any forward), or of its logits in
+the schedule's loss function. That function weighs each micro-batch's mean by its share of the
+global batch's unmasked targets, as the trainer does without pipelining, so torch's own scaling
+of the gradients by 1 / micro-batches is turned off.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.tensor import DTensor
 
 from llamatrain.config import Config
-from llamatrain.distributed.parallel_dims import SINGLE_STAGE_SCHEDULES, ParallelDims
+from llamatrain.distributed.parallel_dims import (
+    SINGLE_STAGE_SCHEDULES,
+    ParallelDims,
+    stage_blocks,
+    stage_ids,
+)
 from llamatrain.distributed.parallelize import materialize, parallelize
 from llamatrain.loss import IGNORE_INDEX, loss_context, output_loss, target_count
 from llamatrain.model import Transformer
@@ -44,25 +50,6 @@ from llamatrain.model import Transformer
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
              "interleaved_1f1b": ScheduleInterleaved1F1B,
              "zero_bubble": ScheduleInterleavedZeroBubble}
-
-
-def stage_blocks(n_layers: int, num_stages: int) -> list[range]:
-    """The blocks of each stage: an even split; a remainder goes one block each to the inner
-    stages, then to the first, then to the last (which carry the embedding, and the output
-    projection and loss)."""
-    assert 1 <= num_stages <= n_layers, (num_stages, n_layers)
-    base, extra = divmod(n_layers, num_stages)
-    sizes = [base] * num_stages
-    order = list(range(1, num_stages - 1)) + [0, num_stages - 1]
-    for s in order[:extra]:
-        sizes[s] += 1
-    starts = [sum(sizes[:s]) for s in range(num_stages)]
-    return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
-
-
-def stage_ids(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
-    """The stages rank pp_rank holds: looped (r, r + pp, ...), or a V for zero_bubble."""
-    return [pp_rank + k * pp for k in range(stages_per_rank)]
 
 
 def stage_module(model: Transformer, blocks: range, *, first: bool, last: bool) -> Transformer:
@@ -111,7 +98,7 @@ class Pipeline:
         self.group = mesh["pp"].get_group()
         num_stages = dims.pp * p.pp_stages_per_rank
         blocks = stage_blocks(cfg.model.n_layers, num_stages)
-        ids = stage_ids(dims.coordinates(rank).pp, dims.pp, p.pp_stages_per_rank, p.pp_schedule)
+        ids = stage_ids(dims.coordinates(rank).pp, dims.pp, p.pp_stages_per_rank)
         parts = []
         for i in ids:
             part = stage_module(model, blocks[i], first=i == 0, last=i == num_stages - 1)
