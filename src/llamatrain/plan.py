@@ -16,12 +16,23 @@ linearly to the model's depth; in the search, micro-batches of m sequences are t
 times the activations of one (the layout asked for is measured at its own micro-batch). The ops
 run as their PyTorch references (fake tensors hold no data for a Triton kernel), which keep fp32
 intermediates the fused kernels do not (not yet checked against a GPU run).
-Step time is modelled: --mfu is the model FLOPs utilisation of compute, the same whatever the
-checkpointing (layouts that tie are ranked by memory).
 
-With --parallel.* overrides it reports that layout; without, it searches tp in 1, 2, 4, 8, FSDP
-over every data-parallel rank or inside a node (HSDP), the three activation-checkpointing modes
-and micro-batches of 1, 2 and 4, and ranks the layouts that fit by projected step time.
+A pipelined layout (parallel.pp > 1) is measured stage by stage (the real stage modules of
+distributed.pipeline, two micro-batches in a row as the schedule runs them), and each pipeline
+rank's memory counts the micro-batches its schedule keeps in flight (in_flight: the first stage
+holds the most under 1F1B) and the stages' transfer buffers; the layout's memory is its fullest
+rank's.
+
+Step time is modelled (step_model): compute at --mfu of the bf16 peak on the FLOPs the GPUs
+execute, recomputation included, so MFU (model FLOPs over time) falls with recomputation; the
+pipeline's bubble (bubble_fraction) and the traffic between its stages; FSDP's and tensor
+parallelism's collectives. Layouts that tie are ranked by memory.
+
+With --parallel.* overrides it reports that layout; without, it searches pp in 1, 2, 4, 8, 16 (with
+1F1B, interleaved 1F1B with 2 or 4 stages per rank and the interleaved zero bubble), tp in 1, 2,
+4, 8, FSDP over every data-parallel rank or inside a node (HSDP), the three activation-
+checkpointing modes and micro-batches of 1, 2 and 4, ranks the layouts the trainer accepts by
+projected step time and measures them from the fastest down until ten fit.
 """
 
 from __future__ import annotations
@@ -123,9 +134,10 @@ class Layout:
 
 
 # The pipelines of the search: (schedule, stages per rank), each with every micro-batch of a step
-# in one run of the schedule (fewer per run only add bubbles).
+# in one run of the schedule (fewer per run only add bubbles). GPipe has 1F1B's bubble with every
+# micro-batch in flight: never faster, it is not searched.
 PP_CHOICES = (1, 2, 4, 8, 16)
-PIPELINE_SEARCH = (("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4),
+PIPELINE_SEARCH = (("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4),
                    ("zero_bubble", 2))
 
 
@@ -447,11 +459,14 @@ class StageProfile:
     """Stage steps measured on fake tensors for one (tp, activation checkpointing): stages of
     blocks only at 4p and 5p blocks (p = 2 for selective checkpointing, else 1) give what a block
     adds, a first and a last stage of 4p blocks what the embedding and the output projection and
-    loss add; a stage of at most 5p blocks is measured as it is. Must run inside fake_world."""
+    loss add; a stage of at most 5p blocks is measured as it is. `exact` (the layout asked for):
+    after a step that warms the process up, not counted (the search saves it: a few percent).
+    Must run inside fake_world."""
 
-    def __init__(self, cfg: Config, num_gpus: int, gpus_per_node: int):
+    def __init__(self, cfg: Config, num_gpus: int, gpus_per_node: int, *, exact: bool = True):
         self.cfg, self.num_gpus, self.gpus_per_node = cfg, num_gpus, gpus_per_node
         self.period = 2 if cfg.parallel.activation_checkpointing == "selective" else 1
+        self.exact = exact
         self._steps: dict[tuple[int, bool, bool], StageStep] = {}
 
     def _measure(self, n_blocks: int, first: bool, last: bool) -> StageStep:
@@ -467,7 +482,7 @@ class StageProfile:
             with FakeTensorMode(allow_non_fake_inputs=True):
                 stage.to_empty(device="cpu")
                 stage.init_rope()
-                if not self._steps:  # the first step in a process allocates more: not counted
+                if self.exact and not self._steps:  # a first step allocates more: not counted
                     track_stage_step(stage, mesh, self.cfg, first=first, last=last)
                 peak, saved, held = track_stage_step(stage, mesh, self.cfg, first=first,
                                                      last=last)
@@ -550,9 +565,13 @@ def pipeline_dry_run(cfg: Config, num_gpus: int, gpus_per_node: int, *,
 
 def state_bytes(model_cfg, layout: Layout) -> float:
     """fp32 weights, gradients and AdamW's two moments per GPU as an even share of the model over
-    dp_shard x tp GPUs: the table's figure. The dry run reads rank 0's own shards, which uneven
-    splits and the replicated RMSNorm gains make up to a few percent larger."""
-    return num_params(model_cfg) * 16 / (layout.dp_shard * layout.tp)
+    dp_shard x tp GPUs (and pp stages, by the pipeline's fullest stage): the table's figure. The
+    dry run reads rank 0's own shards, which uneven splits and the replicated RMSNorm gains make
+    up to a few percent larger."""
+    if layout.pp == 1:
+        return num_params(model_cfg) * 16 / (layout.dp_shard * layout.tp)
+    cfg = Config(model=model_cfg)
+    return 4 * max(even_shard_bytes(cfg, layout, r) for r in range(layout.pp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,8 +806,9 @@ def _evaluate(cfg: Config, layout: Layout, setup: Setup, memory: Memory) -> dict
             "fits": memory.total <= budget, **step}
 
 
-def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
-    """The dry run of cfg's layout (search=False) or of every candidate layout, ranked."""
+def plan(cfg: Config, setup: Setup, *, search: bool, top: int = 10) -> dict[str, Any]:
+    """The dry run of cfg's layout (search=False), or the search: every layout the trainer
+    accepts, ranked by step time, measured from the fastest down until `top` of them fit."""
     if setup.fabric not in FABRICS:
         raise ValueError(f"fabric = {setup.fabric!r}: expected one of {', '.join(FABRICS)}")
     if not 0 < setup.mfu <= 1:
@@ -836,7 +856,7 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
             key = (layout.tp, layout.activation_checkpointing)
             if key not in profiles:
                 one = with_layout(cfg, replace(layout, micro_batch_size=1))
-                profiles[key] = StageProfile(one, g, gpn)
+                profiles[key] = StageProfile(one, g, gpn, exact=False)
             ranks = pipeline_dry_run(with_layout(cfg, layout), g, gpn, profile=profiles[key],
                                      exact=False)
         fullest = max(range(len(ranks)), key=lambda i: ranks[i].total)
@@ -845,20 +865,36 @@ def plan(cfg: Config, setup: Setup, *, search: bool) -> dict[str, Any]:
         out["ranks"] = [{**asdict(x), "total": x.total} for x in ranks]
         return out
 
-    results = []
+    results, candidates = [], []
     with fake_world(g):
         if requested is not None and refusal is None:  # the config's own layout, as it is
             results.append(evaluate(requested))
         if search or refusal is not None or not results[0]["fits"]:
             # Search for what fits: everything, or for a layout that does not, its alternatives.
-            results += [evaluate(x) for x in candidate_layouts(cfg, g, gpn) if x != requested]
+            # Step times need no dry run: the layouts are measured fastest first, until `top`
+            # fit and the next is slower than the last of them.
+            candidates = [x for x in candidate_layouts(cfg, g, gpn) if x != requested]
+            device, fabric = gpu(setup.device), FABRICS[setup.fabric]
+            timed = sorted(((step_model(with_layout(cfg, x), x, num_gpus=g, gpus_per_node=gpn,
+                                        device=device, mfu=setup.mfu, fabric=fabric,
+                                        link_gbps=setup.link_gbps,
+                                        nics_per_node=setup.nics_per_node)["step_s"], i, x)
+                            for i, x in enumerate(candidates)))
+            found = [r["step_s"] for r in results if r["fits"]]
+            for step_s, _, x in timed:
+                if len(found) >= top and step_s > max(found):
+                    break
+                results.append(evaluate(x))
+                if results[-1]["fits"]:
+                    found.append(step_s)
     fitting = sorted((r for r in results if r["fits"]),
                      key=lambda r: (r["step_s"], r["memory"]["total"]))
     out = {"params": num_params(cfg.model), "gpus": g, "gpus_per_node": gpn,
            "device": device.name, "memory_gib": device.memory_gib, "mfu": setup.mfu,
            "fabric": FABRICS[setup.fabric].name, "link_gbps": setup.link_gbps,
            "seq_len": cfg.train.seq_len, "global_batch_tokens": cfg.train.global_batch_tokens,
-           "searched": search or refusal is not None, "layouts": results, "fitting": fitting,
+           "searched": search or refusal is not None, "candidates": len(candidates),
+           "layouts": results, "fitting": fitting,
            "best": fitting[0] if fitting else None, "refusal": refusal,
            "config_refusal": own_refusal}
     if not search and refusal is None:
@@ -896,8 +932,9 @@ def format_result(r: dict[str, Any], *, top: int = 10) -> str:
         lines.append(f"the config's own layout is refused: {r['config_refusal']}")
     note = "memory in GiB per GPU, of the fullest pipeline rank"
     if r["searched"]:
-        lines += ["", f"layouts that fit, fastest first ({len(r['fitting'])} of "
-                  f"{len(r['layouts'])} the trainer accepts; {note}):", header]
+        lines += ["", f"layouts that fit, fastest first (of the {r['candidates']} the trainer "
+                  f"accepts, measured from the fastest down until {top} fit: "
+                  f"{len(r['layouts'])} measured; {note}):", header]
         lines += [row(x) for x in r["fitting"][:top]]
     else:
         lines += ["", f"{note}:", header, row(chosen)]
@@ -951,7 +988,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--device", default="a100-80gb", help=", ".join(BY_KEY))
-    parser.add_argument("--mfu", type=float, default=0.45)
+    parser.add_argument("--mfu", type=float, default=0.45,
+                        help="share of the bf16 peak sustained on the FLOPs computed, "
+                        "recomputation included (default 0.45)")
     parser.add_argument("--fabric", choices=sorted(FABRICS), default="ib")
     parser.add_argument("--link-gbps", type=float, default=200.0)
     parser.add_argument("--nics-per-node", type=int, default=8)
