@@ -2,6 +2,8 @@
 
 from setuptools import setup
 
+CLEAN = ["datatrove>=0.10.1,<0.11", "nltk>=3.9", "regex", "tldextract>=5.3", "xxhash>=3,<4"]
+
 setup(
     name="llamatrain",
     version="0.1.0",
@@ -21,7 +23,11 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.40", "safetensors>=0.4",
-                "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26"],
+                "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26", *CLEAN],
+        # `python -m llamatrain.data clean` (§2.1): datatrove's core and, of its "processing"
+        # extra, only what its quality filters, MinHash and the site filter import (not its
+        # fastText, spaCy, trafilatura, ...); datatrove hashes str, which xxhash 4 refuses.
+        "clean": CLEAN,
         # Hugging Face export (tokenizer.json) and §2.3 benchmarks through lm-evaluation-harness.
         "eval": ["safetensors>=0.4", "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26"],
         "wandb": ["wandb>=0.16"],

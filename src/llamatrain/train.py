@@ -46,7 +46,7 @@ from llamatrain.config import (
     to_toml,
     usage,
 )
-from llamatrain.data.cache import prepare_sources
+from llamatrain.data.cache import prepare_sources, read_meta
 from llamatrain.data.datasets import open_training_data
 from llamatrain.data.loader import BatchLoader
 from llamatrain.distributed.parallel_dims import ParallelDims
@@ -640,15 +640,17 @@ class Trainer:
         return report
 
     def _source_report(self) -> list[dict[str, Any]]:
-        """Each source's weight, the share of training samples it gave, and its epochs."""
+        """Each source's weight, the share of training samples it gave, its epochs, and the
+        cleaning (clean_report digest and options) its prepared data came from."""
         samples = self.data.samples_per_source(self.sampler.consumed)
         total_weight = sum(s.weight for s in self.data.sources)
         total, sizes = max(1, sum(samples.values())), self.data.source_sizes()
         return [{"name": s.name, "source": s.source, "weight": s.weight,
                  "weight_share": s.weight / total_weight, "share": samples[s.name] / total,
                  "tokens": samples[s.name] * self.cfg.train.seq_len,
-                 "epochs": samples[s.name] / sizes[s.name]}
-                for s in self.data.sources]
+                 "epochs": samples[s.name] / sizes[s.name],
+                 "cleaning": read_meta(p).get("cleaning", [])}
+                for s, p in zip(self.data.sources, self.data.paths, strict=True)]
 
 
 class _Window:

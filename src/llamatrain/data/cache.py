@@ -25,7 +25,7 @@ from llamatrain.data.prepare import (
     get_tokenizer,
     remove_stale_builds,
 )
-from llamatrain.data.readers import STDLIB, collect_files
+from llamatrain.data.readers import CLEAN_REPORT, STDLIB, cleaning_record, collect_files
 from llamatrain.data.tokenizer import TRAINER_SETTINGS, load_tokenizer
 
 # Bump when the shard layout or tokenisation changes, so old cache entries are not reused.
@@ -72,7 +72,10 @@ def _source_identity(source: str, *, key: str = "data.source") -> dict[str, Any]
             f"{key}={source!r} does not exist; allowed: {STDLIB}, or a file or directory"
         )
     st = p.stat()
-    return {"source": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    identity = {"source": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if (p / CLEAN_REPORT).is_file():  # cleaned again in place: other shards
+        identity["clean_report_sha256"] = cleaning_record(p)["report_sha256"]
+    return identity
 
 
 def cache_key(cfg: DataConfig, *, vocab_size: int) -> str:

@@ -36,11 +36,11 @@ def part_name(part: int, num_parts: int) -> str:
     return f"part-{part:05d}-of-{num_parts:05d}"
 
 
-def parse_part(text: str) -> tuple[int, int]:
+def parse_part(text: str, *, key: str = "--part") -> tuple[int, int]:
     """'I/N' -> (I, N): share I (0-based) of N."""
     i, sep, n = text.partition("/")
     if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-        raise ValueError(f"--part={text!r}; allowed: I/N with 0 <= I < N (e.g. 0/8)")
+        raise ValueError(f"{key}={text!r}; allowed: I/N with 0 <= I < N (e.g. 0/8)")
     return int(i), int(n)
 
 

@@ -39,6 +39,7 @@ from llamatrain.data.readers import (
     HASH_BYTES,
     DocumentError,
     Item,
+    cleaning_records,
     collect_files,
     content_hash,
     is_jsonl,
@@ -497,6 +498,8 @@ def dataset_meta(
         "num_files": num_files,
         "num_empty_documents": totals.num_empty,
         "skipped": skipped,
+        # The clean runs (options, report digest) that wrote the inputs that are clean outputs.
+        "cleaning": cleaning_records(inputs),
     }
 
 

@@ -1,6 +1,7 @@
-"""Input files as documents: find the files of the inputs (directories walked in sorted order) and
-stream each one, decompressed, as pieces (blocks of text, whole .jsonl lines, parquet row batches)
-that parse into documents. Memory is bounded by the block size, not the file size; a file that is
+"""Input files as documents: find the files of the inputs (directories walked in sorted order; a
+directory that `clean` wrote is read as the shards its report lists) and stream each one,
+decompressed, as pieces (blocks of text, whole .jsonl lines, parquet row batches) that parse into
+documents or whole records. Memory is bounded by the block size, not the file size; a file that is
 not what its format promises raises DocumentError, a read error becomes an error item."""
 
 from __future__ import annotations
@@ -43,8 +44,40 @@ def _walk(root: Path, skip_dirs: set[str]) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).parts)
 
 
+# What `clean` writes last into its output directory: its presence means the directory is complete,
+# and it lists the shards (in order) that are the cleaned corpus. Until then its plan is there.
+CLEAN_REPORT = "clean_report.json"
+CLEAN_PLAN = "work/plan.json"
+
+
+def clean_report(directory: Path) -> dict | None:
+    """The report of a directory that `clean` completed, else None."""
+    path = Path(directory) / CLEAN_REPORT
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def cleaning_record(directory: Path) -> dict:
+    """What a prepared dataset records of a cleaned input: where, the options, the report's
+    digest and its document counts."""
+    path = Path(directory) / CLEAN_REPORT
+    data = path.read_bytes()
+    report = json.loads(data)
+    return {"dir": str(directory), "report_sha256": hashlib.sha256(data).hexdigest(),
+            "options": report["options"], "documents_in": report["in"]["documents"],
+            "documents_out": report["out"]["documents"]}
+
+
+def cleaning_records(inputs: Sequence[str]) -> list[dict]:
+    """cleaning_record of every input that is a cleaned directory."""
+    return [cleaning_record(Path(i).expanduser()) for i in inputs
+            if i != STDLIB and (Path(i).expanduser() / CLEAN_REPORT).is_file()]
+
+
 def collect_files(inputs: Sequence[str], *, key: str = "--input") -> list[Path]:
-    """Input files in processing order: inputs as given, each directory walked in sorted order."""
+    """Input files in processing order: inputs as given, each directory walked in sorted order, a
+    cleaned directory as its report's shards."""
     files: list[Path] = []
     for inp in inputs:
         p = Path(inp).expanduser()
@@ -52,6 +85,11 @@ def collect_files(inputs: Sequence[str], *, key: str = "--input") -> list[Path]:
             files += stdlib_files()
         elif p.is_file():
             files.append(p)
+        elif p.is_dir() and (report := clean_report(p)) is not None:
+            files += [p / shard["file"] for shard in report["shards"]]
+        elif p.is_dir() and (p / CLEAN_PLAN).is_file():
+            raise ValueError(f"{key}={inp!r} is a clean output that is not finished (no "
+                             f"{CLEAN_REPORT}); finish or rerun the clean first")
         elif p.is_dir():
             files += _walk(p, set())
         else:
@@ -118,9 +156,11 @@ class Item:
     opens: bool = True
     closes: bool = True
     doc_hash: int | None = None
-    # Rows of a parquet file: column -> values, already read by pyarrow (data is then empty).
+    # Rows of a parquet file: column -> values, already read by pyarrow (data is then empty), and
+    # the file's schema when every column was read (so that a record can be written back as is).
     rows: dict[str, list] | None = None
     rows_bytes: int = 0
+    schema: object = None
 
     @property
     def size(self) -> int:
@@ -132,15 +172,16 @@ PARQUET_ROWS = 1024
 
 
 def read_items(path: Path, file_index: int, *, fields: tuple[str, ...] = ("text",),
-               scan: bool = True) -> Iterator[Item]:
+               scan: bool = True, all_columns: bool = False) -> Iterator[Item]:
     """A file's pieces in order; the last one has last=True. Read errors become an error item.
 
     Memory is bounded by the block size (a row group for parquet), not the file size. scan=False
     skips the first pass over a long text document (its hash and checks), for reading a sample.
+    all_columns reads every column of a parquet file, not only `fields` (which must be there).
     """
     try:
         if is_parquet(path):
-            yield from _parquet_items(path, file_index, fields)
+            yield from _parquet_items(path, file_index, fields, all_columns=all_columns)
             return
         if not is_jsonl(path):
             yield from _text_items(path, file_index, scan=scan)
@@ -168,8 +209,9 @@ def read_items(path: Path, file_index: int, *, fields: tuple[str, ...] = ("text"
         yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
 
 
-def _parquet_items(path: Path, file_index: int, fields: tuple[str, ...]) -> Iterator[Item]:
-    """The document columns of a parquet file, streamed row group by row group."""
+def _parquet_items(path: Path, file_index: int, fields: tuple[str, ...], *,
+                   all_columns: bool = False) -> Iterator[Item]:
+    """The document columns (or all columns) of a parquet file, streamed row group by row group."""
     import pyarrow as pa  # only where there is parquet to read
     import pyarrow.parquet as pq
 
@@ -182,15 +224,19 @@ def _parquet_items(path: Path, file_index: int, fields: tuple[str, ...]) -> Iter
                 yield Item(file_index, b"", last=True, error=(
                     f"no column {missing[0]!r} (columns: {', '.join(names)}); set data.text_key"))
                 return
-            for batch in pf.iter_batches(batch_size=PARQUET_ROWS, columns=list(fields)):
+            columns = None if all_columns else list(fields)
+            schema = pf.schema_arrow if all_columns else None
+            for batch in pf.iter_batches(batch_size=PARQUET_ROWS, columns=columns):
                 rows = batch.to_pydict()
                 size = sum(len(v) for col in rows.values() for v in col if isinstance(v, str))
-                yield Item(file_index, b"", first_line=row, rows=rows, rows_bytes=size)
+                yield Item(file_index, b"", first_line=row, rows=rows, rows_bytes=size,
+                           schema=schema)
                 row += batch.num_rows
     except pa.ArrowException as e:
         yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
         return
-    yield Item(file_index, b"", first_line=row, last=True, rows={f: [] for f in fields})
+    yield Item(file_index, b"", first_line=row, last=True,
+               rows={f: [] for f in (names if all_columns else fields)}, schema=schema)
 
 
 def _text_items(path: Path, file_index: int, *, scan: bool) -> Iterator[Item]:
@@ -257,16 +303,31 @@ class DocumentError(Exception):
 def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list:
     """Documents of a piece: str for pretraining, (prompt, response) for SFT."""
     keys = ("prompt", "response") if fmt == "sft" else (text_key,)
+    if item.rows is None and not jsonl and fmt == "sft":
+        raise DocumentError(
+            'sft needs .jsonl lines of {"prompt": ..., "response": ...} or parquet columns'
+        )
+    records = parse_records(item, jsonl=jsonl, keys=keys)
+    if fmt == "sft":
+        return [(r["prompt"], r["response"]) for r in records]
+    return [r[text_key] for r in records]
+
+
+def parse_records(item: Item, *, jsonl: bool, keys: tuple[str, ...]) -> list[dict]:
+    """Whole records of a piece, every one with string `keys`: a .jsonl line's object, a parquet
+    row (the columns that were read), or a text file's {keys[0]: text}."""
     if item.rows is not None:
-        docs = []
-        for i, values in enumerate(zip(*(item.rows[k] for k in keys), strict=True)):
-            if not all(isinstance(v, str) for v in values):
+        names = list(item.rows)
+        records = []
+        for i, values in enumerate(zip(*item.rows.values(), strict=True)):
+            record = dict(zip(names, values, strict=True))
+            if not all(isinstance(record[k], str) for k in keys):
                 wanted = ", ".join(repr(k) for k in keys)
-                found = ", ".join(type(v).__name__ for v in values)
+                found = ", ".join(type(record[k]).__name__ for k in keys)
                 raise DocumentError(f"row {item.first_line + i + 1}: expected string column(s) "
                                     f"{wanted}, found {found}")
-            docs.append(values if fmt == "sft" else values[0])
-        return docs
+            records.append(record)
+        return records
     try:
         text = item.data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -276,12 +337,8 @@ def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list
             where = f"byte {e.start}"
         raise DocumentError(f"not valid UTF-8 ({where}: {e.reason})") from None
     if not jsonl:
-        if fmt == "sft":
-            raise DocumentError(
-                'sft needs .jsonl lines of {"prompt": ..., "response": ...} or parquet columns'
-            )
-        return [text]
-    docs: list = []
+        return [{keys[0]: text}]
+    records = []
     for i, line in enumerate(text.split("\n")):
         if not line.strip():
             continue
@@ -293,8 +350,8 @@ def parse_documents(item: Item, *, jsonl: bool, fmt: str, text_key: str) -> list
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in keys):
             wanted = ", ".join(repr(k) for k in keys)
             raise DocumentError(f"{where}: expected a JSON object with string field(s) {wanted}")
-        docs.append((obj["prompt"], obj["response"]) if fmt == "sft" else obj[text_key])
-    return docs
+        records.append(obj)
+    return records
 
 
 HASH_BYTES = 8
