@@ -913,13 +913,13 @@ def format_result(r: dict[str, Any], *, top: int = 10) -> str:
              f"({r['gpus_per_node']} per node, {r['memory_gib']:g} GiB, plan up to "
              f"{USABLE_FRACTION:.0%}); step time at {r['mfu']:.0%} of peak on the FLOPs "
              f"computed, {r['fabric']} {r['link_gbps']:g} Gbps per NIC"]
-    header = (f"{'pp':>3} {'schedule':<18} {'tp':>3} {'shard':>6} {'repl':>5} {'AC':>9} "
+    header = (f"{'pp':>3} {'schedule':<19} {'tp':>3} {'shard':>6} {'repl':>5} {'AC':>9} "
               f"{'mbs':>3} {'accum':>5} {'params':>7} {'grads':>6} {'optim':>6} {'gather':>7} "
               f"{'activ':>6} {'total':>6} {'step s':>7} {'bubble':>6} {'MFU':>6}")
 
     def row(x: dict[str, Any]) -> str:
         lay, mem = Layout(**x["layout"]), x["memory"]
-        return (f"{lay.pp:>3} {lay.schedule_name:<18} {lay.tp:>3} {lay.dp_shard:>6} "
+        return (f"{lay.pp:>3} {lay.schedule_name:<19} {lay.tp:>3} {lay.dp_shard:>6} "
                 f"{lay.dp_replicate:>5} {lay.activation_checkpointing:>9} "
                 f"{lay.micro_batch_size:>3} {x['micro_batches']:>5} {_gib(mem['params']):>7} "
                 f"{_gib(mem['grads']):>6} {_gib(mem['optimizer']):>6} "
