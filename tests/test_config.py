@@ -58,6 +58,15 @@ def test_resolved_toml_loads_back_to_the_same_config(tmp_path):
         ('--data.mix=[{source="/a", weight=0}]', "data.mix[0].weight = 0.0: expected a number > 0"),
         ("--data.mix=3", "data.mix = 3: expected an array of tables ([[data.mix]])"),
         ("--data.prefetch=-1", "data.prefetch = -1: expected a number >= 0"),
+        ('--data.mix=[{source="/a", weight=1e308}, {source="/b", weight=1e308}]',
+         "data.mix weights = 1e+308, 1e+308: their sum is not a finite number; weights are "
+         "relative: scale them down (e.g. 1 and 1)"),
+        ("--model.n_heads=0", "model.n_heads = 0: expected an integer from 1 to 1,024"),
+        ("--model.vocab_size=1000000000000",
+         "model.vocab_size = 1000000000000: expected an integer from 1 to 1,048,576 "
+         "(config.MODEL_LIMITS)"),
+        ("--model.ffn_dim_multiplier=1e6", "model.ffn_dim_multiplier = 1000000.0: gives an FFN "
+         "hidden size of 682,000,000, above 1,048,576"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, message):

@@ -3,7 +3,9 @@
 import gzip
 import hashlib
 import json
+import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -373,6 +375,32 @@ def test_a_truncated_shard_is_an_error_naming_it_not_a_smaller_dataset(tmp_path,
         load_dataset(out, DataConfig(), seq_len=16)
 
 
+def test_a_shard_truncated_in_place_while_open_is_one_line_not_sigbus(tmp_path, prepared):
+    """In a process of its own: were the check missing, the read would kill it with SIGBUS."""
+    _, first, _ = prepared
+    out = copy_prepared(first, tmp_path / "p")
+    shard = out / "train_000000.bin"
+    script = ("import os, sys\n"
+              "from llamatrain.config import DataConfig\n"
+              "from llamatrain.data.datasets import load_dataset\n"
+              f"ds = load_dataset({str(out)!r}, DataConfig(), seq_len=16)\n"
+              "ds.get_batch([0])\n"
+              f"os.truncate({str(shard)!r}, 4096)\n"
+              "try:\n"
+              "    ds.get_batch([len(ds) - 1])\n"
+              "except ValueError as e:\n"
+              "    sys.exit(f'error: {e}')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    size = len(np.fromfile(first / "train_000000.bin", dtype=np.uint8))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        f"error: dataset: shard '{shard}' now has 4096 bytes, {size} when the run opened it: it "
+        "was truncated or replaced while the run read it; a prepared source must not change "
+        "under a run: restore it (or prepare the source again into a new directory), then start "
+        "the run again (it resumes from its last checkpoint)")
+
+
 def test_a_token_id_beyond_the_vocabulary_names_the_shard_and_position(tmp_path, prepared):
     _, first, _ = prepared
     out = copy_prepared(first, tmp_path / "p")
@@ -683,3 +711,36 @@ def test_merge_names_missing_parts_and_bad_part_arguments_are_one_line(tmp_path,
         f"'{tmp_path / 'nothing' / 'parts'}'; run prepare --part I/N first",
     ]
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_merge_refuses_parts_that_ran_while_the_corpus_changed(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(3)
+    for i in range(6):
+        (corpus / f"f{i}.txt").write_text(make_doc(rng, 200))
+    out = str(tmp_path / "out")
+    common = ["--input", str(corpus), "--out", out, "--vocab-size", "300", "--workers", "1"]
+    assert main(["prepare", *common, "--part", "0/2"]) == 0
+    # The corpus grows at its end between the two tasks: part 1 cuts its range further on.
+    (corpus / "f5.txt").write_text(make_doc(rng, 200) * 8)
+    assert main(["prepare", *common, "--part", "1/2"]) == 0
+    capsys.readouterr()
+    assert main(["prepare", "--merge", out]) == 2
+    gap = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: --merge='{out}': part-00001-of-00002 covers files (\d)-6 of 6 "
+                        r"and leaves files (\d)-\1 out after part-00000-of-00002: the parts ran "
+                        r"while the corpus changed; rerun every part \(prepare --part I/2\)",
+                        gap), gap
+    # Rerun part 0: the ranges tile, until a file a part read is changed in place.
+    assert main(["prepare", *common, "--part", "0/2"]) == 0
+    assert main(["prepare", "--merge", out]) == 0
+    size, seen = (corpus / "f0.txt").stat().st_size, (corpus / "f0.txt").stat().st_mtime_ns
+    (corpus / "f0.txt").write_text("x" * size)
+    os.utime(corpus / "f0.txt", ns=(1, 1))
+    capsys.readouterr()
+    assert main(["prepare", "--merge", out]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --merge='{out}': part-00000-of-00002 read {corpus / 'f0.txt'}, which had "
+        f"{size} bytes (mtime_ns {seen}) and now has {size} (mtime_ns 1): the corpus changed "
+        "after that part ran; rerun it (prepare --part 0/2)")

@@ -351,3 +351,27 @@ def test_hf_meta_and_converted_directories_load_the_same_model(run_dir, ours, tm
         shutil.rmtree(run_dir / "checkpoints/step-7")
     with pytest.raises(ValueError, match="expected RUN_DIR/checkpoints/step-N, a run directory"):
         expand_checkpoints([str(tmp_path)])
+
+
+def test_a_checkpoint_without_checksums_loads_only_with_no_verify(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    step = run / "checkpoints/step-60"
+    (step / "trainer.json").unlink()
+    with pytest.raises(ValueError, match=r"^checkpoint = '.*step-60': it has no trainer.json, so "
+                       r"its files cannot be verified .* pass --no-verify$"):
+        load_checkpoint(step, device=torch.device("cpu"), dtype=torch.float32)
+    model, _ = load_checkpoint(step, device=torch.device("cpu"), dtype=torch.float32,
+                               verify=False)
+    assert "WARNING: checkpoint = " in capsys.readouterr().err
+    assert model.cfg == CFG
+
+
+def test_a_model_toml_with_zero_heads_is_one_line(run_dir, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(run_dir / "checkpoints/step-60", init)
+    (init / "model.toml").write_text(convert._model_toml(CFG).replace("n_heads = 4",
+                                                                      "n_heads = 0"))
+    with pytest.raises(ValueError, match=rf"^'{init / 'model.toml'}': model.n_heads = 0: "
+                       r"expected an integer from 1 to 1,024 \(config.MODEL_LIMITS\)$"):
+        load_checkpoint(init, device=torch.device("cpu"), dtype=torch.float32)

@@ -216,3 +216,39 @@ def test_70b_fits_at_4096_and_8192_a100s_and_a_pipeline_is_fastest_at_8192():
     # The fastest layout without a pipeline is 60% slower at 8,192: FSDP over 1,024 ranks.
     pp1 = next(s for s, lay, _ in steps(cfg, 8192) if lay.pp == 1)
     assert pp1 > 1.5 * model["step_s"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "0"], "--gpus = 0: expected an integer >= 1"),
+    (["--gpus", "-8"], "--gpus = -8: expected an integer >= 1"),
+    (["--gpus", "8", "--gpus-per-node", "0"], "--gpus-per-node = 0: expected an integer >= 1"),
+    (["--gpus", "1000000000"], "--gpus = 1,000,000,000: the planner models at most 65,536 GPUs "
+     "(plan.MAX_GPUS: its dry run builds a process group of that many ranks)"),
+    (["--gpus", "8", "--gpus-per-node", "3"], "--gpus = 8 with --gpus-per-node = 3: not whole "
+     "nodes (2 nodes hold 6, 3 hold 9); allowed: a multiple of 3, or at most one node"),
+    (["--gpus", "16", "--link-gbps", "0"], "--link-gbps = 0.0: expected a finite number > 0 (the "
+     "line rate of one NIC)"),
+    (["--gpus", "16", "--link-gbps", "-200"], "--link-gbps = -200.0: expected a finite number"),
+    (["--gpus", "16", "--link-gbps", "nan"], "--link-gbps = nan: expected a finite number"),
+    (["--gpus", "16", "--nics-per-node", "0"], "--nics-per-node = 0: expected an integer >= 1"),
+])
+@pytest.mark.parametrize("tool", ["plan", "carbon"])
+def test_a_cluster_that_cannot_be_modelled_is_one_line_at_once(tool, args, message):
+    """plan and carbon project share plan.check_cluster; it runs before any process group."""
+    from llamatrain import carbon
+
+    config = ["--config", str(REPO / "configs/tiny.toml")]
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        if tool == "plan":
+            plan.main([*config, *args])
+        else:
+            carbon.main(["project", *config, "--tokens", "1e9", *args])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert time.perf_counter() - start < 5
+
+
+def test_part_of_one_node_is_a_cluster_and_whole_nodes_are():
+    plan.check_cluster(4, 8)
+    plan.check_cluster(24, 8, link_gbps=100.0, nics_per_node=4)
+    plan.check_cluster(plan.MAX_GPUS, 8)

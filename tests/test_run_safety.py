@@ -314,12 +314,23 @@ def test_a_garbage_latest_file_is_named_and_ignored(copy, prepared_data):
 
 
 def test_a_full_disk_is_one_line(prepared_data, tmp_path):
+    """The first metrics record meets a full disk: the ENOSPC its write raises, as a full file
+    system raises it, is one line and exit 4."""
     run_dir = tmp_path / "full"
-    run_dir.mkdir()
-    (run_dir / "metrics.jsonl").symlink_to("/dev/full")
-    proc = run_train(tiny_args(prepared_data, run_dir))
+    full = ("import errno, os, runpy, sys\n"
+            "import llamatrain.metrics as m\n"
+            "def append_text(path, text):\n"
+            "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))\n"
+            "m.append_text = append_text\n"
+            "sys.argv[0] = 'llamatrain.train'\n"
+            "runpy.run_module('llamatrain.train', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", full, *tiny_args(prepared_data, run_dir)],
+                          capture_output=True, text=True, timeout=240, cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     check(proc, 4)
-    assert last_error(proc).startswith("error: disk full: no space left on the device writing")
+    assert last_error(proc) == (f"error: disk full: no space left on the device writing "
+                                f"{run_dir / 'metrics.jsonl'}; free space there and start the run "
+                                "again (it resumes from its last checkpoint)")
     assert "Traceback" not in proc.stderr
 
 

@@ -28,7 +28,14 @@ from typing import Any
 from llamatrain.config import CarbonConfig, Config, load_config, run_cli
 from llamatrain.flops import flops_per_token, num_params
 from llamatrain.hardware import gpu, is_gpu, peak_flops, tdp_watts
-from llamatrain.plan import FABRICS, candidate_layouts, check_layout, state_bytes, step_model
+from llamatrain.plan import (
+    FABRICS,
+    candidate_layouts,
+    check_cluster,
+    check_layout,
+    state_bytes,
+    step_model,
+)
 
 # (model, GPU-hours, W per GPU, tCO2eq): Table 2 of the paper.
 TABLE2: tuple[tuple[str, float, float, float], ...] = (
@@ -227,10 +234,8 @@ def project(plan: Plan) -> dict[str, Any]:
     refuse the config's layout is a row marked infeasible, without an efficiency, and a projection
     at such a count is an error naming a layout the trainer accepts."""
     _check("tokens", plan.tokens, strict=True)
-    for key in ("num_gpus", "gpus_per_node", "nics_per_node"):
-        if getattr(plan, key) < 1:
-            raise ValueError(f"{key} = {getattr(plan, key)!r}: expected an integer >= 1")
-    _check("link_gbps", plan.link_gbps, strict=True)
+    check_cluster(plan.num_gpus, plan.gpus_per_node, link_gbps=plan.link_gbps,
+                  nics_per_node=plan.nics_per_node)
     if plan.fabric is not None and plan.fabric not in FABRICS:
         raise ValueError(f"fabric = {plan.fabric!r}: expected one of {', '.join(FABRICS)}")
     cfg = plan.config

@@ -156,7 +156,11 @@ class CheckpointConfig:
     interval: int = _f(500, "Save every this many steps (and at the end).")
     keep: int = _f(3, "Newest checkpoints kept on disk.")
     async_save: bool = _f(False, "Save in the background; block only while staging.", key="async")
-    init_from: str = _f("", "Checkpoint to initialise a new run from (weights only).")
+    init_from: str = _f("", "Checkpoint to initialise a new run from (weights only), verified "
+                            "against the checksums of its trainer.json first; one without them is "
+                            "refused unless checkpoint.verify_init_from = false.")
+    verify_init_from: bool = _f(True, "false: load a checkpoint.init_from that has no checksums "
+                                      "(no trainer.json), unverified, with a warning.")
 
 
 @dataclass
@@ -173,7 +177,8 @@ class EvalConfig:
                         "(empty = none; code tasks never run here).")
     interval: int = _f(0, "Benchmark the live model every this many steps (0 = only at the end).")
     limit: int = _f(0, "Documents per task in each benchmark pass (0 = all).")
-    include_path: str = _f("", "Directory of your own lm-eval task YAMLs.")
+    include_path: str = _f("", "Directory of your own lm-eval task YAMLs: code lm-eval runs (a "
+                               "YAML's `!function` imports its Python).")
 
 
 @dataclass
@@ -321,6 +326,48 @@ def _check_tp(cfg: Config) -> None:
                              f"(would work: {', '.join(map(str, ok))})")
 
 
+# The largest sizes a model may have. Beyond them a number is a typo or a crafted file, not a model,
+# and it would be allocated (a vocabulary of 10^12 is terabytes of embedding) before anything else
+# could refuse it. The largest released Llama-family model (Llama 3.1 405B: dim 16,384, 126 layers,
+# 128 heads, FFN 53,248, vocabulary 128,256, context 131,072) is well inside every bound.
+MODEL_LIMITS = {"dim": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+                "vocab_size": 1 << 20, "multiple_of": 1 << 16, "max_seq_len": 1 << 20}
+MAX_FFN_HIDDEN = 1 << 20
+
+
+def validate_model(m: ModelConfig, *, prefix: str = "model.",
+                   names: dict[str, str] | None = None) -> ModelConfig:
+    """Check a [model] section (from a config, a model.toml, or an imported config.json whose keys
+    `names` maps to ours, under `prefix`); raise ValueError naming the first bad key."""
+    names = names or {}
+
+    def key(k: str) -> str:
+        return prefix + names.get(k, k)
+
+    for k, limit in MODEL_LIMITS.items():
+        v = getattr(m, k)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise ValueError(f"{key(k)} = {v!r}: expected an integer from 1 to {limit:,} "
+                             "(config.MODEL_LIMITS)")
+    for k in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
+        v = getattr(m, k)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                or v <= 0:
+            raise ValueError(f"{key(k)} = {v!r}: expected a finite number > 0")
+    if m.ffn_hidden > MAX_FFN_HIDDEN:
+        raise ValueError(f"{key('ffn_dim_multiplier')} = {m.ffn_dim_multiplier!r}: gives an FFN "
+                         f"hidden size of {m.ffn_hidden:,}, above {MAX_FFN_HIDDEN:,}")
+    if m.dim % m.n_heads:
+        raise ValueError(f"{key('dim')} = {m.dim}: must be divisible by {key('n_heads')} = "
+                         f"{m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise ValueError(f"{key('n_kv_heads')} = {m.n_kv_heads}: must divide {key('n_heads')} = "
+                         f"{m.n_heads}")
+    if m.head_dim % 2:
+        raise ValueError(f"{key('dim')} / {key('n_heads')} = {m.head_dim}: head_dim must be even")
+    return m
+
+
 def validate(cfg: Config) -> Config:
     """Check values for sense; raise ValueError naming the first bad key."""
     _finite(cfg)
@@ -328,19 +375,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"run.dir = {cfg.run.dir!r}: expected a directory path (it must not be "
                          "empty: the run would write into the working directory)")
     m, t = cfg.model, cfg.train
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                "max_seq_len"):
-        _positive(f"model.{key}", getattr(m, key))
-    for key in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.dim % m.n_heads:
-        raise ValueError(f"model.dim = {m.dim}: must be divisible by model.n_heads = {m.n_heads}")
-    if m.n_heads % m.n_kv_heads:
-        raise ValueError(
-            f"model.n_kv_heads = {m.n_kv_heads}: must divide model.n_heads = {m.n_heads}"
-        )
-    if m.head_dim % 2:
-        raise ValueError(f"model.dim / model.n_heads = {m.head_dim}: head_dim must be even")
+    validate_model(m)
     for key in ("steps", "lr", "global_batch_tokens", "micro_batch_size", "seq_len", "beta1",
                 "eps", "max_bad_steps"):
         _positive(f"train.{key}", getattr(t, key))
@@ -416,6 +451,11 @@ def _validate_mix(data: DataConfig) -> None:
                              "directory)")
         if not (math.isfinite(m.weight) and m.weight > 0):
             raise ValueError(f"data.mix[{i}].weight = {m.weight!r}: expected a number > 0")
+    total = sum(m.weight for m in data.mix)
+    if not math.isfinite(total):
+        weights = ", ".join(f"{m.weight:g}" for m in data.mix)
+        raise ValueError(f"data.mix weights = {weights}: their sum is not a finite number; "
+                         "weights are relative: scale them down (e.g. 1 and 1)")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -11,12 +11,14 @@ merged on import.
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from llamatrain.config import ModelConfig
+from llamatrain.config import MAX_FFN_HIDDEN, ModelConfig, validate_model
 from llamatrain.data.hf_tokenizer import save_hf_tokenizer
 from llamatrain.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -151,33 +153,79 @@ def hf_config(model_config: ModelConfig) -> dict:
     }
 
 
-def model_config_from_hf(config: dict) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json; the FFN size is matched by multiple_of."""
-    rope_theta = config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta")
+# config.json's name for each ModelConfig field, for errors that name what the user sees.
+_HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers",
+             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+             "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
+             "max_seq_len": "max_position_embeddings", "multiple_of": "intermediate_size",
+             "ffn_dim_multiplier": "intermediate_size"}
+
+
+def _value(config: dict, key: str, kind: type, source: str, default=None):
+    """config[key] as `kind` (an int or a number), or `default` when absent and allowed."""
+    value = config.get(key)
+    value = default if value is None else value
+    if value is None:
+        raise ValueError(f"{source}: {key} is missing")
+    ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"{source}: {key} = {value!r}: expected "
+                         f"{'an integer' if kind is int else 'a number'}")
+    return value
+
+
+def model_config_from_hf(config: dict, source: str = "config.json") -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json, every size checked against
+    config.MODEL_LIMITS before anything is allocated; the FFN size is matched by multiple_of."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    rope = config.get("rope_parameters")
+    rope_theta = config.get("rope_theta") or (rope.get("rope_theta")
+                                              if isinstance(rope, dict) else None)
+    heads = _value(config, "num_attention_heads", int, source)
     cfg = ModelConfig(
-        dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-        vocab_size=config["vocab_size"],
-        norm_eps=config.get("rms_norm_eps", 1e-5),
-        rope_theta=float(rope_theta or 10000.0),
-        max_seq_len=config.get("max_position_embeddings", 4096),
+        dim=_value(config, "hidden_size", int, source),
+        n_layers=_value(config, "num_hidden_layers", int, source),
+        n_heads=heads,
+        n_kv_heads=_value(config, "num_key_value_heads", int, source, heads),
+        vocab_size=_value(config, "vocab_size", int, source),
+        norm_eps=float(_value(config, "rms_norm_eps", float, source, 1e-5)),
+        rope_theta=float(_value({"rope_theta": rope_theta}, "rope_theta", float, source,
+                                10000.0)),
+        max_seq_len=_value(config, "max_position_embeddings", int, source, 4096),
     )
-    return _fit_ffn(cfg, config["intermediate_size"])
+    validate_model(cfg, prefix=f"{source}: ", names=_HF_NAMES)
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != cfg.head_dim:
+        raise ValueError(f"{source}: head_dim = {head_dim!r}: llamatrain's attention has "
+                         f"hidden_size / num_attention_heads = {cfg.head_dim}")
+    hidden = _value(config, "intermediate_size", int, source)
+    if not 1 <= hidden <= MAX_FFN_HIDDEN:
+        raise ValueError(f"{source}: intermediate_size = {hidden}: expected an integer from 1 to "
+                         f"{MAX_FFN_HIDDEN:,} (config.MAX_FFN_HIDDEN)")
+    return _fit_ffn(cfg, hidden, source)
 
 
-def _fit_ffn(cfg: ModelConfig, hidden: int) -> ModelConfig:
-    """Find multiple_of / ffn_dim_multiplier that reproduce an FFN hidden size."""
+def _fit_ffn(cfg: ModelConfig, hidden: int, source: str = "config.json") -> ModelConfig:
+    """Find multiple_of / ffn_dim_multiplier that reproduce an FFN hidden size, or say that none
+    does."""
     for multiple_of in (256, 4096, 1024, 512, 128, 64, 32, 16, 8, 1):
         cfg.multiple_of, cfg.ffn_dim_multiplier = multiple_of, 1.0
         if cfg.ffn_hidden == hidden:
             return cfg
     cfg.multiple_of = 1
-    cfg.ffn_dim_multiplier = hidden / int(2 * 4 * cfg.dim / 3)
-    while cfg.ffn_hidden != hidden:  # float rounding: nudge until int() lands on hidden
-        cfg.ffn_dim_multiplier *= 1 + 1e-9 * (1 if cfg.ffn_hidden < hidden else -1)
-    return cfg
+    base = int(2 * 4 * cfg.dim / 3)
+    multiplier = hidden / base
+    # With multiple_of 1 the size is int(multiplier * base), which never decreases as the
+    # multiplier grows: a few steps of one ulp towards `hidden` land on it, or step over it.
+    for _ in range(64):
+        cfg.ffn_dim_multiplier = multiplier
+        if cfg.ffn_hidden == hidden:
+            return cfg
+        multiplier = math.nextafter(multiplier, math.inf if cfg.ffn_hidden < hidden else 0.0)
+    raise ValueError(f"{source}: intermediate_size = {hidden}: no multiple_of and "
+                     f"ffn_dim_multiplier of the Llama FFN rule give it for hidden_size = "
+                     f"{cfg.dim}")
 
 
 def meta_params(model_config: ModelConfig) -> dict:
@@ -199,20 +247,51 @@ def meta_params(model_config: ModelConfig) -> dict:
     return params
 
 
-def model_config_from_meta(params: dict, vocab_size: int) -> ModelConfig:
-    """A ModelConfig from Meta's params.json (whose vocab_size is -1 in Llama 2's release)."""
-    return ModelConfig(
-        dim=params["dim"],
-        n_layers=params["n_layers"],
-        n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-        vocab_size=params["vocab_size"] if params.get("vocab_size", -1) > 0 else vocab_size,
-        multiple_of=params.get("multiple_of", 256),
-        ffn_dim_multiplier=params.get("ffn_dim_multiplier") or 1.0,
-        norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=float(params.get("rope_theta", 10000.0)),
-        max_seq_len=params.get("max_seq_len", 4096),
+def model_config_from_meta(params: dict, vocab_size: int,
+                          source: str = "params.json") -> ModelConfig:
+    """A ModelConfig from Meta's params.json (whose vocab_size is -1 in Llama 2's release), every
+    size checked against config.MODEL_LIMITS."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    heads = _value(params, "n_heads", int, source)
+    vocab = _value(params, "vocab_size", int, source, -1)
+    cfg = ModelConfig(
+        dim=_value(params, "dim", int, source),
+        n_layers=_value(params, "n_layers", int, source),
+        n_heads=heads,
+        n_kv_heads=_value(params, "n_kv_heads", int, source, heads),
+        vocab_size=vocab if vocab > 0 else vocab_size,
+        multiple_of=_value(params, "multiple_of", int, source, 256),
+        ffn_dim_multiplier=float(_value(params, "ffn_dim_multiplier", float, source, 1.0)),
+        norm_eps=float(_value(params, "norm_eps", float, source, 1e-5)),
+        rope_theta=float(_value(params, "rope_theta", float, source, 10000.0)),
+        max_seq_len=_value(params, "max_seq_len", int, source, 4096),
     )
+    return validate_model(cfg, prefix=f"{source}: ")
+
+
+def expected_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape for this config (llamatrain/Meta names), from the model itself built on
+    the meta device: nothing is allocated."""
+    from llamatrain.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], model_config: ModelConfig, what: str,
+                 describes: str, names: dict[str, str] | None = None) -> None:
+    """The weights' shapes (llamatrain names; `names` gives each one's name in the files) must be
+    the ones `describes` (the config file) gives, before any weight is read or allocated."""
+    expected = expected_shapes(model_config)
+    _check_keys(shapes, set(expected), what)
+    for name, shape in shapes.items():
+        if tuple(shape) != expected[name]:
+            shown = (names or {}).get(name, name)
+            raise ValueError(f"{what}: {shown} has shape {list(shape)}, but {describes} describes "
+                             f"{list(expected[name])}: the config does not belong to these "
+                             "weights")
 
 
 def _split_dim(name: str) -> int | None:
@@ -253,15 +332,50 @@ def from_meta_state_dicts(shards: list[StateDict], model_config: ModelConfig) ->
 # Files
 
 
+# What `save_hf` writes: a directory that holds these and nothing else is a previous export.
+HF_EXPORT_FILES = frozenset({"model.safetensors", "config.json", "tokenizer.json",
+                             "tokenizer_config.json", "special_tokens_map.json",
+                             "tokenizer.model"})
+# What `from-hf` / `from-meta` write (a weights-only DCP checkpoint and model.toml).
+INIT_FILES = frozenset({".metadata", "model.toml", "tokenizer.model", "trainer.json"})
+
+
+def _is_init_file(name: str) -> bool:
+    return name in INIT_FILES or re.fullmatch(r"__\d+_\d+\.distcp", name) is not None
+
+
+def clear_output_dir(out: Path, ours, what: str, *, remove: bool) -> None:
+    """An output directory must be new, empty, or hold only what a previous `what` wrote (plain
+    files `ours` accepts): those are removed when `remove`, and nothing else ever is. Anything
+    else there is a ValueError: it would be left beside the new files, and could win over them
+    when the directory is loaded (a stale *.safetensors does)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ValueError(f"{str(out)!r}: not a directory; give a new or empty directory")
+    entries = list(out.iterdir())
+    foreign = sorted(p.name for p in entries
+                     if not ours(p.name) or p.is_symlink() or not p.is_file())
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise ValueError(f"{str(out)!r} is not empty and holds files {what} did not write "
+                         f"({', '.join(foreign[:5])}{more}): give a new or empty directory")
+    if remove:
+        for p in entries:
+            p.unlink()
+
+
 def save_hf(state_dict: StateDict, model_config: ModelConfig, out_dir: str | Path,
             dtype: torch.dtype = torch.bfloat16, tokenizer: Tokenizer | None = None) -> Path:
     """Write model.safetensors and config.json that `LlamaForCausalLM.from_pretrained` loads,
-    and with a tokenizer, the files `AutoTokenizer.from_pretrained` loads (hf_tokenizer.py)."""
+    and with a tokenizer, the files `AutoTokenizer.from_pretrained` loads (hf_tokenizer.py), into
+    a new or empty directory, or over a previous export (whose files alone are removed)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     hf = to_hf_state_dict(state_dict, model_config)
+    clear_output_dir(out, HF_EXPORT_FILES.__contains__, "to-hf", remove=True)
+    out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(dtype).contiguous() for k, v in hf.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -272,25 +386,76 @@ def save_hf(state_dict: StateDict, model_config: ModelConfig, out_dir: str | Pat
     return out
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{str(path)!r}: not readable JSON ({e})") from None
+
+
+def _load_pickled(path: Path, fix: str) -> dict:
+    """torch.load(weights_only=True) of a checkpoint file: plain tensors only, or one line."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{str(path)!r}: pickle that is not plain tensors (torch.load with "
+                         f"weights_only=True refused it: {reason}); llamatrain runs no code "
+                         f"from disk: {fix}") from None
+    if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise ValueError(f"{str(path)!r}: not a dict of named tensors; {fix}")
+    return loaded
+
+
+HF_PICKLE_FIX = ("convert the weights to safetensors where they were made (e.g. "
+                 "model.save_pretrained(DIR, safe_serialization=True)) and run from-hf on DIR")
+
+
 def load_hf(hf_dir: str | Path) -> tuple[StateDict, ModelConfig]:
+    """A Hugging Face directory's weights and config: the config's sizes are checked against
+    config.MODEL_LIMITS and against the weights' shapes (read from the file headers) before any
+    weight is read."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ValueError(f"{str(hf_dir)!r}: no config.json (expected a Hugging Face model dir)")
-    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    cfg = model_config_from_hf(_read_json(hf_dir / "config.json"),
+                               source=str(hf_dir / "config.json"))
     files = sorted(hf_dir.glob("*.safetensors"))
-    if files:
-        hf: StateDict = {}
-        for f in files:
-            hf.update(load_file(f))
-    else:
+    ours = {hf: name for name, hf in _HF_TOP.items()}
+    ours.update({f"model.layers.{i}.{hf}": f"layers.{i}.{name}" for i in range(cfg.n_layers)
+                 for name, hf in _HF_LAYER.items()})
+    if not files:
         bins = sorted(hf_dir.glob("pytorch_model*.bin"))
         if not bins:
             raise ValueError(f"{str(hf_dir)!r}: no *.safetensors or pytorch_model*.bin weights")
         hf = {}
         for f in bins:
-            hf.update(torch.load(f, map_location="cpu", weights_only=True))
+            hf.update(_load_pickled(f, HF_PICKLE_FIX))
+        shapes = {ours.get(k, k): tuple(v.shape) for k, v in hf.items()
+                  if not k.endswith("rotary_emb.inv_freq")}
+        check_shapes(shapes, cfg, str(hf_dir), "config.json", {v: k for k, v in ours.items()})
+        return from_hf_state_dict(hf, cfg), cfg
+    shapes, where = {}, {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for k in handle.keys():  # noqa: SIM118 - a safe_open handle is not a dict
+                    if k in where:
+                        raise ValueError(f"{str(hf_dir)!r}: {k} is in both {where[k]} and "
+                                         f"{f.name}: remove the stale file")
+                    where[k] = f.name
+                    if not k.endswith("rotary_emb.inv_freq"):
+                        shapes[ours.get(k, k)] = tuple(handle.get_slice(k).get_shape())
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{str(f)!r}: not a readable safetensors file ({e})") from None
+    check_shapes(shapes, cfg, str(hf_dir), "config.json", {v: k for k, v in ours.items()})
+    hf: StateDict = {}
+    for f in files:
+        hf.update(load_file(f))
     return from_hf_state_dict(hf, cfg), cfg
 
 
@@ -305,16 +470,52 @@ def save_meta(state_dict: StateDict, model_config: ModelConfig, out_dir: str | P
     return out
 
 
+META_PICKLE_FIX = "use Meta's released files, or convert these where they were made"
+
+
 def load_meta(meta_dir: str | Path) -> tuple[StateDict, ModelConfig]:
+    """A Meta directory's weights and config: consolidated.00.pth to consolidated.NN.pth, one per
+    model-parallel rank and nothing stray, each the same weights with the same shapes, whose
+    merged shapes are the ones params.json describes; checked before any tensor is merged
+    (the files are memory-mapped, not read)."""
     meta_dir = Path(meta_dir)
     files = sorted(meta_dir.glob("consolidated.*.pth"))
     if not files or not (meta_dir / "params.json").is_file():
         raise ValueError(f"{str(meta_dir)!r}: expected params.json and consolidated.*.pth")
-    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    wanted = [f"consolidated.{i:02d}.pth" for i in range(len(files))]
+    if [f.name for f in files] != wanted:
+        stray = sorted({f.name for f in files} - set(wanted)) or [f.name for f in files]
+        raise ValueError(f"{str(meta_dir)!r}: the shards of {len(files)}-way model parallelism "
+                         f"are {wanted[0]} to {wanted[-1]}, but it holds {', '.join(stray)}: "
+                         "remove the stray file(s)")
+    shards = [_load_pickled(f, META_PICKLE_FIX) for f in files]
+    for f, shard in zip(files[1:], shards[1:], strict=True):
+        if set(shard) != set(shards[0]):
+            diff = sorted(set(shard) ^ set(shards[0]))
+            raise ValueError(f"{str(f)!r}: holds other weights than {files[0].name} "
+                             f"({', '.join(diff[:3])}): the shards are not of one checkpoint")
+        for name, tensor in shard.items():
+            if tensor.shape != shards[0][name].shape:
+                raise ValueError(f"{str(f)!r}: {name} has shape {list(tensor.shape)}, "
+                                 f"{files[0].name} {list(shards[0][name].shape)}: the shards are "
+                                 "not of one checkpoint")
+    if "output.weight" not in shards[0]:
+        raise ValueError(f"{str(files[0])!r}: no output.weight (not a Llama checkpoint)")
     vocab = shards[0]["output.weight"].shape[0] * len(files)
-    cfg = model_config_from_meta(json.loads((meta_dir / "params.json").read_text()), vocab)
+    cfg = model_config_from_meta(_read_json(meta_dir / "params.json"), vocab,
+                                 source=str(meta_dir / "params.json"))
+    shapes = {}
+    for name, tensor in shards[0].items():
+        if name == "rope.freqs":
+            continue
+        shape = list(tensor.shape)
+        match = _LAYER_RE.match(name)
+        dim = _META_SPLIT_DIM.get(match.group(2) if match else name)  # unknown: named below
+        if dim is not None and dim < len(shape):
+            shape[dim] *= len(files)
+        shapes[name] = tuple(shape)
+    check_shapes(shapes, cfg, str(meta_dir), "params.json")
     return from_meta_state_dicts(shards, cfg), cfg
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,13 +523,18 @@ def load_meta(meta_dir: str | Path) -> tuple[StateDict, ModelConfig]:
 
 USAGE = """usage:
   python -m llamatrain.convert to-hf RUN_DIR/checkpoints/step-N OUT_DIR [--dtype bf16|fp32]
-                                     [--tokenizer MODEL]
+                                     [--tokenizer MODEL] [--no-verify]
   python -m llamatrain.convert from-hf HF_DIR OUT_DIR
   python -m llamatrain.convert from-meta META_DIR OUT_DIR
 to-hf writes weights, config and the tokenizer (RUN_DIR/tokenizer.model unless --tokenizer names
-one) as tokenizer.json, checked to encode exactly as SentencePiece does.
+one) as tokenizer.json, checked to encode exactly as SentencePiece does. The checkpoint is first
+verified against the checksums of its trainer.json; --no-verify also reads one that has none.
 from-hf and from-meta write a weights-only checkpoint for `--checkpoint.init_from=OUT_DIR`, with
-the [model] section to train it with in OUT_DIR/model.toml."""
+the [model] section to train it with in OUT_DIR/model.toml and checksums in OUT_DIR/trainer.json;
+the sizes in config.json / params.json are checked against the weights' shapes first, and pickle
+weights load only as plain tensors (torch.load weights_only).
+OUT_DIR must be new, empty, or a previous output of the same command (whose files alone are
+replaced)."""
 
 
 def _model_toml(cfg: ModelConfig) -> str:
@@ -339,14 +545,20 @@ def _model_toml(cfg: ModelConfig) -> str:
     return f"[model]\n{section}\n"
 
 
-def checkpoint_to_state_dict(step_dir: str | Path) -> tuple[StateDict, ModelConfig]:
-    """Full weights of a training checkpoint, read in one process, with the run's model config."""
+NO_VERIFY = "pass --no-verify"
+
+
+def checkpoint_to_state_dict(step_dir: str | Path, *, verify: bool = True
+                             ) -> tuple[StateDict, ModelConfig]:
+    """Full weights of a training checkpoint, verified and read in one process, with the run's
+    model config; `verify` False also reads one without checksums (dcp.verify_checkpoint)."""
     from llamatrain.checkpoint.dcp import read_model_weights
+    from llamatrain.checkpoint.rundir import RunDir
     from llamatrain.config import load_config
     from llamatrain.model import Transformer
 
     step_dir = Path(step_dir)
-    config = step_dir.parent.parent / "config.toml"
+    config = RunDir.of_checkpoint(step_dir).config
     if not (step_dir / ".metadata").is_file() or not config.is_file():
         raise ValueError(f"{str(step_dir)!r}: expected RUN_DIR/checkpoints/step-N of a run "
                          "(with RUN_DIR/config.toml)")
@@ -355,7 +567,7 @@ def checkpoint_to_state_dict(step_dir: str | Path) -> tuple[StateDict, ModelConf
         model = Transformer(cfg)
     model.to_empty(device="cpu")
     state_dict = model.state_dict()
-    read_model_weights(step_dir, state_dict)
+    read_model_weights(step_dir, state_dict, verify=verify, bypass=NO_VERIFY)
     return state_dict, cfg
 
 
@@ -363,16 +575,20 @@ def _write_init_checkpoint(state_dict: StateDict, cfg: ModelConfig, out: Path,
                            source: Path) -> None:
     from llamatrain.checkpoint.dcp import save_model_weights
 
-    save_model_weights({k: v.float() for k, v in state_dict.items()}, out)
-    (out / "model.toml").write_text(_model_toml(cfg))
+    clear_output_dir(out, _is_init_file, "from-hf or from-meta", remove=True)
+    files = {"model.toml": _model_toml(cfg).encode()}
     if (source / "tokenizer.model").is_file():
-        (out / "tokenizer.model").write_bytes((source / "tokenizer.model").read_bytes())
+        files["tokenizer.model"] = (source / "tokenizer.model").read_bytes()
+    save_model_weights({k: v.float() for k, v in state_dict.items()}, out, files=files,
+                       source=str(source))
 
 
 def run_tokenizer(step_dir: str | Path, override: str = "") -> Tokenizer:
     """The SentencePiece model of the run a checkpoint belongs to (the trainer keeps a copy in
     RUN_DIR/tokenizer.model), or the one `override` names."""
-    path = Path(override) if override else Path(step_dir).parent.parent / "tokenizer.model"
+    from llamatrain.checkpoint.rundir import RunDir
+
+    path = Path(override) if override else RunDir.of_checkpoint(step_dir).tokenizer
     if not path.is_file():
         raise ValueError(f"{str(path)!r}: no tokenizer.model (runs from before the trainer kept "
                          "one: pass --tokenizer DATA_DIR/tokenizer.model)")
@@ -391,8 +607,10 @@ def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    args = sys.argv[1:] if argv is None else argv
-    tokenizer_path, args = _pop_option(list(args), "--tokenizer")
+    args = list(sys.argv[1:] if argv is None else argv)
+    verify = "--no-verify" not in args
+    args = [a for a in args if a != "--no-verify"]
+    tokenizer_path, args = _pop_option(args, "--tokenizer")
     dtype = torch.bfloat16
     if "--dtype" in args:
         i = args.index("--dtype")
@@ -405,8 +623,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     command, src, out = args[0], Path(args[1]), Path(args[2])
+    # Before any weight is read: an output directory that would be written over is one line now.
     if command == "to-hf":
-        state_dict, cfg = checkpoint_to_state_dict(src)
+        clear_output_dir(out, HF_EXPORT_FILES.__contains__, "to-hf", remove=False)
+    else:
+        clear_output_dir(out, _is_init_file, "from-hf or from-meta", remove=False)
+    if command == "to-hf":
+        state_dict, cfg = checkpoint_to_state_dict(src, verify=verify)
         tokenizer = run_tokenizer(src, tokenizer_path or "")
         save_hf(state_dict, cfg, out, dtype=dtype, tokenizer=tokenizer)
     else:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llamatrain.checkpoint.rundir import RunDir
+
 RUN_DIR = Path("runs/demo")
 
 
@@ -29,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         print(f"demo: training exited with {code}", file=sys.stderr)
         return code
-    print("\n" + (RUN_DIR / "report.md").read_text())
-    print(f"loss curve (the paper's Figure 5, for this run): {RUN_DIR / 'loss.png'}")
-    print(f"metrics: {RUN_DIR / 'metrics.jsonl'}; checkpoints: {RUN_DIR / 'checkpoints'}")
+    run = RunDir(RUN_DIR)
+    print("\n" + run.report_md.read_text())
+    print(f"loss curve (the paper's Figure 5, for this run): {run.loss_plot}")
+    print(f"metrics: {run.metrics}; checkpoints: {run.checkpoints}")
     return 0
 
 

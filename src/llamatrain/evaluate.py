@@ -3,14 +3,20 @@ checkpoint (DCP, Hugging Face or Meta) or on the live model of a run.
 
     python -m llamatrain.evaluate CHECKPOINT [CHECKPOINT ...] --tasks TASKS [--num-fewshot N]
         [--limit N] [--include-path DIR] [--out DIR] [--batch-tokens N] [--fsdp] [--download]
-        [--confirm-run-unsafe-code]
+        [--confirm-run-unsafe-code] [--no-verify]
 
 TASKS is a comma-separated list of lm-eval task or group names, `table3` (the paper's suite with
 its shot counts) or one of its categories (`code`, `commonsense`, `world_knowledge`, `reading`,
 `math`, `mmlu`, `bbh`, `agieval`). A CHECKPOINT is RUN_DIR/checkpoints/step-N, a whole RUN_DIR (all
 of its checkpoints, side by side), a `convert from-hf/from-meta` output, a Hugging Face directory
-or a Meta directory. Under torchrun, lm-eval splits the documents over the ranks and gathers the
-results on rank 0; `--fsdp` (or a model too large for one GPU) shards the model over the ranks.
+or a Meta directory. A DCP checkpoint is verified against the checksums of its trainer.json before
+it is loaded; one without them is refused unless `--no-verify`. Under torchrun, lm-eval splits the
+documents over the ranks and gathers the results on rank 0; `--fsdp` (or a model too large for one
+GPU) shards the model over the ranks.
+
+An `--include-path` directory (and `eval.include_path` during training) is code that lm-eval runs:
+a task YAML's `!function utils.fn` imports and executes that directory's Python, by lm-eval's
+design. Include only task directories you would run as a program.
 
 Offline first: datasets are read from the Hugging Face cache and lm-eval's local paths only
 (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE are set unless the environment sets them); `--download`
@@ -35,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llamatrain.checkpoint.rundir import RunDir, step_dirs
 from llamatrain.config import EvalConfig, ModelConfig
 from llamatrain.data.tokenizer import Tokenizer, load_tokenizer
 from llamatrain.inference import KVCache, Sampling, cached_forward, generate
@@ -455,13 +462,13 @@ def checkpoint_kind(path: Path) -> str:
     run (a run directory: all of its checkpoints)."""
     if (path / ".metadata").is_file() and (path / "model.toml").is_file():
         return "init"
-    if (path / ".metadata").is_file() and (path.parent.parent / "config.toml").is_file():
+    if (path / ".metadata").is_file() and RunDir.of_checkpoint(path).config.is_file():
         return "dcp"
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file():
         return "meta"
-    if (path / "checkpoints").is_dir() and (path / "config.toml").is_file():
+    if RunDir(path).checkpoints.is_dir() and RunDir(path).config.is_file():
         return "run"
     raise ValueError(f"checkpoint {str(path)!r}: expected RUN_DIR/checkpoints/step-N, a run "
                      "directory, a `convert from-hf/from-meta` output, a Hugging Face directory "
@@ -474,9 +481,8 @@ def expand_checkpoints(paths: Sequence[str]) -> list[Path]:
     for p in map(Path, paths):
         if checkpoint_kind(p) == "run":
             # DCP writes .metadata last: a step directory with it holds the whole model.
-            steps = sorted((s for s in (p / "checkpoints").glob("step-*")
-                            if (s / ".metadata").is_file()),
-                           key=lambda s: int(s.name.removeprefix("step-")))
+            steps = [s for s in reversed(step_dirs(RunDir(p).checkpoints))
+                     if (s / ".metadata").is_file()]
             if not steps:
                 raise ValueError(f"run {str(p)!r}: no complete checkpoint under checkpoints/")
             out += steps
@@ -486,11 +492,20 @@ def expand_checkpoints(paths: Sequence[str]) -> list[Path]:
 
 
 def _model_section(toml_path: Path) -> ModelConfig:
+    """The [model] section of a run's config.toml or a converted checkpoint's model.toml, checked
+    as a config's would be (config.validate_model) before the model is built."""
     import tomllib
 
-    from llamatrain.config import from_dict
+    from llamatrain.config import from_dict, validate_model
 
-    return from_dict({"model": tomllib.loads(toml_path.read_text()).get("model", {})}).model
+    try:
+        section = tomllib.loads(toml_path.read_text()).get("model", {})
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{str(toml_path)!r}: not a readable TOML file ({e})") from None
+    try:
+        return validate_model(from_dict({"model": section}).model)
+    except ValueError as e:
+        raise ValueError(f"{str(toml_path)!r}: {e}") from None
 
 
 def _find_tokenizer(path: Path, kind: str, override: str) -> Tokenizer:
@@ -517,11 +532,12 @@ def must_shard(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> bo
 
 
 def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtype,
-                    shard: bool | None = False, tokenizer: str = ""
+                    shard: bool | None = False, tokenizer: str = "", verify: bool = True
                     ) -> tuple[Transformer, Tokenizer]:
     """A checkpoint's model on `device` (sharded over every rank with FSDP2 when `shard`, or
     when it does not fit one GPU if `shard` is None) in `dtype`, ready to evaluate, and its
-    tokenizer."""
+    tokenizer. A DCP checkpoint is verified against its checksums first; `verify` False also
+    loads one that has none (with a warning)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from llamatrain.checkpoint.dcp import load_model_weights
@@ -534,7 +550,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtyp
     kind = checkpoint_kind(path)
     full: dict[str, torch.Tensor] | None = None
     if kind == "dcp":
-        cfg = _model_section(path.parent.parent / "config.toml")
+        cfg = _model_section(RunDir.of_checkpoint(path).config)
     elif kind == "init":
         cfg = _model_section(path / "model.toml")
     else:
@@ -553,7 +569,9 @@ def load_checkpoint(path: str | Path, *, device: torch.device, dtype: torch.dtyp
         model = parallelize(model, ParallelConfig(), mesh, param_dtype=dtype)
     model.to_empty(device=device)
     if full is None:
-        load_model_weights(path, model)
+        load_model_weights(path, model, key="checkpoint", verify=verify,
+                           bypass="pass --no-verify",
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
     elif shard:
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                    strict=True))
@@ -688,7 +706,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help="task names, table3 or a category")
     p.add_argument("--num-fewshot", type=int, default=None, help="shots for every task")
     p.add_argument("--limit", type=int, default=None, help="documents per task (for a look)")
-    p.add_argument("--include-path", default="", help="directory of your own task YAMLs")
+    p.add_argument("--include-path", default="",
+                   help="directory of your own task YAMLs; its Python runs (`!function`)")
     p.add_argument("--out", default="", help="write results.json and report.md here")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -700,6 +719,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fetch the tasks' datasets into the Hugging Face cache and exit")
     p.add_argument("--confirm-run-unsafe-code", action="store_true",
                    help="allow code benchmarks, which execute model-written code")
+    p.add_argument("--no-verify", action="store_true",
+                   help="also load a DCP checkpoint without checksums (no trainer.json), "
+                   "unverified, with a warning")
     return p
 
 
@@ -741,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, everything = [], {}
     for ckpt in checkpoints:
         model, tok = load_checkpoint(ckpt, device=device, dtype=dtype,
-                                     shard=True if args.fsdp else None, tokenizer=args.tokenizer)
+                                     shard=True if args.fsdp else None, tokenizer=args.tokenizer,
+                                     verify=not args.no_verify)
         lm = LlamaLM(model, tok, batch_tokens=args.batch_tokens)
         results = suite.run(lm, limit=args.limit, bootstrap_iters=1000)
         if world.is_main:

@@ -3,9 +3,9 @@ Weights & Biases and TensorBoard; plus the loss curve (the paper's Figure 5, for
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llamatrain.checkpoint.rundir import RunDir, append_text, make_dir, write_atomic
 from llamatrain.config import MetricsConfig
 
 
@@ -59,12 +60,12 @@ class MetricsLogger:
                  total_steps: int, run_name: str, config: dict[str, Any]):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.start = time.perf_counter()
         self._wandb, tb = require_optional(cfg)
         self._tb = None
         if tb is not None and enabled:
-            self._tb = tb.SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = tb.SummaryWriter(str(make_dir(RunDir(run_dir).tensorboard)))
         if enabled and self._wandb is not None:
             self._wandb.init(project="llamatrain", name=run_name, config=config,
                              dir=str(run_dir), resume="allow")
@@ -75,9 +76,7 @@ class MetricsLogger:
             return
         kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= step]
         # Replaced in one rename: a kill during the rewrite leaves the old file whole.
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(kept))
 
     def log(self, rec: dict[str, Any], *, steps_done_this_run: int, step: int) -> None:
         if not self.enabled:
@@ -93,8 +92,7 @@ class MetricsLogger:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in rec.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        append_text(self.path, json.dumps(clean) + "\n")
         numbers = {k: v for k, v in rec.items()
                    if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"}
         if self._wandb is not None:
@@ -155,8 +153,8 @@ def plot_loss(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    run_dir = RunDir(run_dir)
+    records = read_metrics(run_dir.metrics)
     train = [r for r in records if r.get("loss") is not None]
     val = [r for r in records if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -166,13 +164,15 @@ def plot_loss(run_dir: str | Path) -> Path:
                 label="validation")
     ax.set_xlabel("processed tokens")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"training loss: {run_dir.name}")
+    ax.set_title(f"training loss: {run_dir.path.name}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
-    fig.savefig(out)
+    out = run_dir.loss_plot
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    write_atomic(out, image.getvalue())
     return out
 
 

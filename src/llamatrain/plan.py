@@ -5,6 +5,9 @@ ask this module.
 `python -m llamatrain.plan --config CONFIG --gpus N [--gpus-per-node 8] [--device a100-80gb]
 [--mfu 0.45] [--fabric ib|roce] [--link-gbps 200] [--json] [--section.key=value ...]`
 
+N is from 1 to MAX_GPUS (65,536) and fills whole nodes of --gpus-per-node, or part of one node;
+`carbon project` takes the same counts (check_cluster).
+
 The dry run joins torch's fake process-group backend as rank 0 of N (no other process, no GPU),
 builds the model on the meta device and applies the real `parallelize()`: parameter, gradient and
 optimizer bytes are read off the DTensor shards rank 0 holds. Activation memory is measured, not
@@ -151,11 +154,43 @@ def with_layout(cfg: Config, layout: Layout) -> Config:
     return replace(cfg, parallel=p, train=t)
 
 
+# The most GPUs a plan or a projection models. The dry run joins torch's fake process group as
+# rank 0 of that many and builds its device mesh, whose time and memory grow with the count (one
+# layout of tiny.toml: 14 s at 8,192 GPUs, 67 s and 0.7 GB at 131,072 on this repo's 2-core test
+# machine, and the search measures a dozen layouts): 65,536 is four times the 16,384 GPUs of the
+# largest Llama 3 run, and keeps the search within minutes.
+MAX_GPUS = 65_536
+
+
+def check_cluster(num_gpus: int, gpus_per_node: int, *, link_gbps: float | None = None,
+                  nics_per_node: int | None = None) -> None:
+    """The cluster of a plan or a projection: GPU counts from 1 to MAX_GPUS that fill whole nodes
+    (or part of one), and NIC links that carry something. Each mistake is one ValueError."""
+    counts = {"--gpus": num_gpus, "--gpus-per-node": gpus_per_node}
+    if nics_per_node is not None:
+        counts["--nics-per-node"] = nics_per_node
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} = {value!r}: expected an integer >= 1")
+    if num_gpus > MAX_GPUS:
+        raise ValueError(f"--gpus = {num_gpus:,}: the planner models at most {MAX_GPUS:,} GPUs "
+                         "(plan.MAX_GPUS: its dry run builds a process group of that many ranks)")
+    if num_gpus > gpus_per_node and num_gpus % gpus_per_node:
+        nodes = num_gpus // gpus_per_node
+        raise ValueError(
+            f"--gpus = {num_gpus} with --gpus-per-node = {gpus_per_node}: not whole nodes "
+            f"({nodes} nodes hold {nodes * gpus_per_node}, {nodes + 1} hold "
+            f"{(nodes + 1) * gpus_per_node}); allowed: a multiple of {gpus_per_node}, or at "
+            "most one node")
+    if link_gbps is not None and not (math.isfinite(link_gbps) and link_gbps > 0):
+        raise ValueError(f"--link-gbps = {link_gbps!r}: expected a finite number > 0 (the line "
+                         "rate of one NIC)")
+
+
 def check_layout(cfg: Config, num_gpus: int, gpus_per_node: int) -> tuple[Layout, int]:
     """The layout of `cfg` on num_gpus, and its micro-batches per step, or the ValueError the
     trainer would raise for it: the same checks, by the same functions."""
-    if num_gpus < 1 or gpus_per_node < 1:
-        raise ValueError(f"gpus = {num_gpus}, gpus_per_node = {gpus_per_node}: expected >= 1")
+    check_cluster(num_gpus, gpus_per_node)
     validate(cfg)
     p = cfg.parallel
     dims = ParallelDims.from_config(p, num_gpus, min(gpus_per_node, num_gpus))
@@ -809,6 +844,8 @@ def _evaluate(cfg: Config, layout: Layout, setup: Setup, memory: Memory) -> dict
 def plan(cfg: Config, setup: Setup, *, search: bool, top: int = 10) -> dict[str, Any]:
     """The dry run of cfg's layout (search=False), or the search: every layout the trainer
     accepts, ranked by step time, measured from the fastest down until `top` of them fit."""
+    check_cluster(setup.num_gpus, setup.gpus_per_node, link_gbps=setup.link_gbps,
+                  nics_per_node=setup.nics_per_node)
     if setup.fabric not in FABRICS:
         raise ValueError(f"fabric = {setup.fabric!r}: expected one of {', '.join(FABRICS)}")
     if not 0 < setup.mfu <= 1:

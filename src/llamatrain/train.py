@@ -20,7 +20,6 @@ import errno
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -33,8 +32,18 @@ import torch.distributed as dist
 
 from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
-from llamatrain.checkpoint.dcp import Checkpointer, load_model_weights, write_atomic
+from llamatrain.checkpoint.dcp import Checkpointer, load_model_weights
 from llamatrain.checkpoint.identity import new_run_id, run_identity
+from llamatrain.checkpoint.rundir import (
+    REQUEUE,
+    RunDir,
+    RunDirRefused,
+    check_usable,
+    copy_file,
+    make_dir,
+    write_atomic,
+    write_with,
+)
 from llamatrain.checkpoint.runlock import RunDirLocked, RunLock
 from llamatrain.config import (
     Config,
@@ -65,7 +74,7 @@ from llamatrain.metrics import (
 from llamatrain.model import Transformer, num_params
 
 REQUEUE_EXIT_CODE = 75
-REQUEUE_MARKER = "requeue"
+REQUEUE_MARKER = REQUEUE
 BAD_STEPS_EXIT_CODE = 3
 DISK_FULL_EXIT_CODE = 4
 INTERRUPTED_EXIT_CODE = 130
@@ -196,6 +205,7 @@ class Trainer:
         self.cfg, self.world = cfg, world
         self.device = world.device
         self.run_dir = Path(cfg.run.dir)
+        self.files = RunDir(self.run_dir)
         self.stop = stop or StopFlag()
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
@@ -221,21 +231,23 @@ class Trainer:
             raise
 
     def _lock_run_dir(self) -> RunLock | None:
-        """Rank 0 takes the run directory for the whole run; every rank stops if it cannot."""
+        """Rank 0 checks that the run directory is one this run may use, before anything is
+        written, and takes it for the whole run; every rank stops if it cannot."""
         lock, error = None, None
         if self.world.is_main:
             lock = RunLock(self.run_dir, log=self.log)
             try:
+                check_usable(self.run_dir, self.cfg)
                 lock.acquire()
-            except RunDirLocked as e:
+            except (RunDirLocked, RunDirRefused) as e:
                 error = e
         held = _all_reduce(torch.tensor([float(error is None)], device=self.device),
                            dist.ReduceOp.MIN)
         if error is not None:
             raise error
         if not held.item():
-            raise RunDirLocked(f"run.dir = {str(self.run_dir)!r} is in use by another run "
-                               "(see rank 0)")
+            raise RunDirRefused(f"run.dir = {str(self.run_dir)!r}: refused by rank 0 (see its "
+                                "error)")
         return lock
 
     def release(self) -> None:
@@ -356,7 +368,9 @@ class Trainer:
         restored = self.checkpointer.restore(self.model, self.optimizer, log=self.log)
         if restored is None:
             if self.cfg.checkpoint.init_from:
-                load_model_weights(self.cfg.checkpoint.init_from, self.model)
+                load_model_weights(self.cfg.checkpoint.init_from, self.model,
+                                   verify=self.cfg.checkpoint.verify_init_from,
+                                   bypass="set --checkpoint.verify_init_from=false", log=self.log)
                 self.log(f"initialised weights from {self.cfg.checkpoint.init_from}")
             self.last_saved = -1
             self.metrics.truncate_after(0)  # records of an attempt that never saved
@@ -454,11 +468,10 @@ class Trainer:
         cfg = self.cfg
         self.restore()  # first: a refused resume leaves the directory as it found it
         if self.world.is_main:
-            (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
-            write_atomic(self.run_dir / "config.toml", to_toml(cfg))
+            self.files.requeue.unlink(missing_ok=True)
+            write_atomic(self.files.config, to_toml(cfg))
             # The run's own copy of its tokenizer: exports and evaluation read it from here.
-            shutil.copyfile(self.train_data.path / "tokenizer.model",
-                            self.run_dir / "tokenizer.model")
+            copy_file(self.train_data.path / "tokenizer.model", self.files.tokenizer)
         if self.step >= cfg.train.steps:
             self.log(f"already at step {self.step} of {cfg.train.steps}: nothing to do")
             return 0
@@ -474,7 +487,7 @@ class Trainer:
                 self._close_loader()
                 if self.world.is_main:
                     marker = {"step": self.step, "reason": StopFlag.reason(stop_code)}
-                    (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
+                    write_atomic(self.files.requeue, json.dumps(marker) + "\n")
                 self.log(f"stopping at step {self.step} for requeue (exit {REQUEUE_EXIT_CODE})")
                 return REQUEUE_EXIT_CODE
             t0 = time.perf_counter()
@@ -589,14 +602,14 @@ class Trainer:
             return None
         from torch.profiler import ProfilerActivity, profile, schedule
 
-        out = self.run_dir / "profile"
+        out = self.files.profile
         activities = [ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
 
         def export(prof) -> None:
             path = out / f"trace-rank{self.world.rank}.json"
-            out.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(path))
+            make_dir(out)
+            write_with(path, lambda tmp: prof.export_chrome_trace(str(tmp)))
             self.log(f"profiler trace: {path} (open in https://ui.perfetto.dev or TensorBoard)")
 
         prof = profile(activities=activities, on_trace_ready=export,
@@ -623,20 +636,20 @@ class Trainer:
             "state_bytes_per_rank": self.state_bytes, "sources": self._source_report(), **acct,
         }
         if world.is_main:
-            records = read_metrics(self.run_dir / "metrics.jsonl")
+            records = read_metrics(self.files.metrics)
             for key in ("loss", "val_loss"):
                 values = [r[key] for r in records if key in r]
                 if values:
                     report[f"final_{key}"] = values[-1]
-            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            write_atomic(self.files.report_json, json.dumps(report, indent=2) + "\n")
             table = self.benchmarks.report(records) if self.benchmarks else ""
-            (self.run_dir / "report.md").write_text(
-                _report_markdown(report, acct)
+            write_atomic(
+                self.files.report_md, _report_markdown(report, acct)
                 + (f"\n## Benchmarks (§2.3, Table 3)\n\n{table}" if table else ""))
             plot = plot_loss(self.run_dir)
             self.log(f"done: {self.step} steps, {self.tokens_seen:,} tokens in "
                      f"{self.wall_s:.1f} s; {format_accounting(acct)}; report "
-                     f"{self.run_dir / 'report.md'}; loss curve {plot}")
+                     f"{self.files.report_md}; loss curve {plot}")
         return report
 
     def _source_report(self) -> list[dict[str, Any]]:

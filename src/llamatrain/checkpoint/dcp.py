@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -43,6 +42,19 @@ from torch.distributed.checkpoint.state_dict import (
 
 from llamatrain.checkpoint import safe_dcp
 from llamatrain.checkpoint.identity import differences
+from llamatrain.checkpoint.rundir import (
+    LATEST,
+    STEP_NAME,
+    RunDir,
+    fresh_dir,
+    make_dir,
+    step_dirs,
+    step_name,
+    step_of,
+    tmp_step_dirs,
+    tmp_step_name,
+    write_atomic,
+)
 from llamatrain.config import CheckpointConfig
 
 TRAINER_STATE = "trainer.json"
@@ -50,7 +62,6 @@ TRAINER_STATE = "trainer.json"
 # "param_groups.<fqn>.lr"), not as lists of the parameters a rank holds: under pipelining each
 # rank holds other parameters, and a checkpoint resumes at any pp degree.
 OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-STEP_NAME = re.compile(r"step-\d+")
 # Files each rank writes in parallel: one writer thread leaves fast disks half idle while it
 # serialises (benchmarks/checkpoint.py: about 55% of raw write speed with 1, 80-95% with 4).
 WRITE_THREADS = 4
@@ -62,36 +73,19 @@ class ResumeRefused(ValueError):
     """The run directory holds checkpoints this run must not continue from or train over."""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step-"))
-
-
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
-
-
-def step_dirs(ckpt_dir: Path) -> list[Path]:
-    """Every `step-<N>` directory, complete or not, newest first."""
-    return sorted((p for p in ckpt_dir.glob("step-*")
-                   if STEP_NAME.fullmatch(p.name) and p.is_dir()),
-                  key=_step_of, reverse=True)
 
 
 def candidates(ckpt_dir: Path, log=print) -> list[Path]:
     """Complete checkpoints, newest first, starting from the one `latest` names."""
     steps = step_dirs(ckpt_dir)
-    latest_file = ckpt_dir / "latest"
+    latest_file = ckpt_dir / LATEST
     if latest_file.is_file():
         name = latest_file.read_bytes()[:100].decode(errors="replace").strip()
         named = ckpt_dir / name
         if STEP_NAME.fullmatch(name) and named.is_dir():
-            steps = [named] + [p for p in steps if p != named and _step_of(p) < _step_of(named)]
+            steps = [named] + [p for p in steps if p != named and step_of(p) < step_of(named)]
         else:
             log(f"{latest_file} holds {name!r}, not a checkpoint of this directory: ignored; "
                 "using the newest complete checkpoint")
@@ -131,7 +125,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, rank: int, world_size: int,
                  identity: dict[str, Any]):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = RunDir(run_dir).checkpoints
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         # What defines this run; its run_id is adopted from the checkpoint a resume loads.
@@ -151,7 +145,8 @@ class Checkpointer:
         self._group = (
             dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
         )
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -172,11 +167,10 @@ class Checkpointer:
         """Save step `step`; returns the seconds the caller was blocked."""
         start = time.perf_counter()
         self.wait()
-        final = self.dir / f"step-{step}"
-        tmp = self.dir / f".tmp-step-{step}"
+        final = self.dir / step_name(step)
+        tmp = self.dir / tmp_step_name(step)
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_dir(tmp)
         self._barrier()
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
         state = dict(trainer_state, identity=self.identity, saved_world_size=self.world_size,
@@ -240,10 +234,10 @@ class Checkpointer:
                 checksums[rng.name] = safe_dcp.file_sha256(rng)
             state = dict(pending.state, checksums=checksums)
             write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=1) + "\n")
-            if final.exists():
+            if final.exists() or final.is_symlink():
                 self._set_aside(final)
             os.replace(tmp, final)
-            write_atomic(self.dir / "latest", final.name + "\n")
+            write_atomic(self.dir / LATEST, final.name + "\n")
             self._prune()
         if collective:
             self._barrier()
@@ -257,8 +251,9 @@ class Checkpointer:
         return saved.get("run_id") == self.identity["run_id"]
 
     def _set_aside(self, path: Path) -> None:
-        """Make room for a new `path`: an old one of this run goes, any other is kept aside."""
-        if self._ours(path):
+        """Make room for a new `path`: an old one of this run goes, any other (a link too) is kept
+        aside."""
+        if not path.is_symlink() and self._ours(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.replace(path, path.with_name(f"{path.name}.replaced-{int(time.time())}"))
@@ -267,7 +262,7 @@ class Checkpointer:
         ours = [p for p in step_dirs(self.dir) if is_complete(p) and self._ours(p)]
         for old in ours[self.cfg.keep:]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.dir.glob(".tmp-step-*"):
+        for stale in tmp_step_dirs(self.dir):
             if self._pending is None or stale != self._pending.tmp:
                 shutil.rmtree(stale, ignore_errors=True)
 
@@ -370,48 +365,81 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def verify_checkpoint(path: Path, key: str) -> None:
-    """Check every file of a checkpoint against the checksums its trainer.json records (a weights
-    -only checkpoint made by `convert` has none); a mismatch is a ValueError naming `key`."""
-    if not (path / TRAINER_STATE).is_file():
+def verify_checkpoint(path: Path, key: str, *, verify: bool = True, bypass: str = "",
+                      log=print) -> None:
+    """Check every file of a checkpoint against the SHA-256 sums its trainer.json records, before
+    anything of it is loaded: a missing or unlisted file or a mismatch is a ValueError naming
+    `key`. A checkpoint with no sums to check (no trainer.json, or one without checksums: an
+    older llamatrain's, or one whose trainer.json was removed) is refused as well, unless `verify`
+    is False (`bypass` says how to ask for that): then it is loaded, with a warning."""
+    state_path = path / TRAINER_STATE
+    checksums = None
+    if state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{key} = {str(path)!r}: unreadable {TRAINER_STATE} ({e})") from None
+        checksums = state.get("checksums") if isinstance(state, dict) else None
+    if not isinstance(checksums, dict) or not checksums:
+        why = (f"its {TRAINER_STATE} records no checksums" if state_path.is_file()
+               else f"it has no {TRAINER_STATE}")
+        if verify:
+            raise ValueError(
+                f"{key} = {str(path)!r}: {why}, so its files cannot be verified (llamatrain "
+                "loads a checkpoint only after checking every file against the SHA-256 sums "
+                f"recorded when it was written); if you trust where it came from, {bypass}")
+        log(f"WARNING: {key} = {str(path)!r}: {why}; loading it UNVERIFIED, as asked")
         return
-    try:
-        checksums = read_trainer_state(path).get("checksums") or {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{key} = {str(path)!r}: unreadable {TRAINER_STATE} ({e})") from None
-    problem = safe_dcp.verify(path, checksums, rank=0, world_size=1)
+    unlisted = sorted(p.name for p in path.iterdir()
+                      if p.is_file() and p.name != TRAINER_STATE and p.name not in checksums)
+    problem = (f"{unlisted[0]} has no checksum in {TRAINER_STATE}" if unlisted else
+               safe_dcp.verify(path, checksums, rank=0, world_size=1))
     if problem:
         raise ValueError(f"{key} = {str(path)!r}: {problem}")
 
 
-def load_model_weights(path: str | Path, model: nn.Module) -> None:
-    """Load only the model's weights from a checkpoint (checkpoint.init_from), at any world size."""
+def load_model_weights(path: str | Path, model: nn.Module, *, key: str = "checkpoint.init_from",
+                       verify: bool = True, bypass: str = "", log=print) -> None:
+    """Load only the model's weights from a verified checkpoint (checkpoint.init_from,
+    evaluate), at any world size; see verify_checkpoint for `verify` and `bypass`."""
     path = Path(path)
     if not (path / ".metadata").is_file():
-        raise ValueError(f"checkpoint.init_from = {str(path)!r}: not a checkpoint directory")
-    verify_checkpoint(path, "checkpoint.init_from")
+        raise ValueError(f"{key} = {str(path)!r}: not a checkpoint directory")
+    verify_checkpoint(path, key, verify=verify, bypass=bypass, log=log)
     options = StateDictOptions(strict=True)
     model_sd = get_model_state_dict(model, options=options)
     try:
         safe_dcp.load({"model": model_sd}, path)
     except (Exception, CheckpointException) as e:
         reason = str(e).strip().splitlines()[-1][:300]
-        raise ValueError(f"checkpoint.init_from = {str(path)!r}: does not fit the [model] "
-                         f"section ({reason})") from None
+        raise ValueError(f"{key} = {str(path)!r}: does not fit the [model] section "
+                         f"({reason})") from None
     set_model_state_dict(model, model_sd, options=options)
 
 
-def save_model_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write plain tensors as a weights-only DCP checkpoint (one process, no process group)."""
+def save_model_weights(state_dict: dict[str, torch.Tensor], path: str | Path, *,
+                       files: dict[str, bytes] | None = None, source: str = "") -> Path:
+    """Write plain tensors as a weights-only DCP checkpoint (one process, no process group), with
+    `files` beside them and a trainer.json of every file's SHA-256, written last, which is what
+    init_from, evaluate and convert verify before they load it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dcp.save({"model": state_dict}, checkpoint_id=str(path), no_dist=True)
+    writer = safe_dcp.ChecksummingWriter(path, thread_count=1)
+    dcp.save({"model": state_dict}, storage_writer=writer, no_dist=True)
+    checksums = dict(writer.checksums)
+    for name, data in (files or {}).items():
+        write_atomic(path / name, data)
+        checksums[name] = safe_dcp.file_sha256(path / name)
+    state = {"weights_only": True, "source": source, "checksums": checksums}
+    write_atomic(path / TRAINER_STATE, json.dumps(state, indent=1) + "\n")
     return path
 
 
-def read_model_weights(path: str | Path, template: dict[str, torch.Tensor]) -> None:
-    """Fill `template` (plain tensors of the right shapes) from a checkpoint, in one process."""
-    verify_checkpoint(Path(path), "checkpoint")
+def read_model_weights(path: str | Path, template: dict[str, torch.Tensor], *,
+                       verify: bool = True, bypass: str = "") -> None:
+    """Fill `template` (plain tensors of the right shapes) from a verified checkpoint, in one
+    process; see verify_checkpoint for `verify` and `bypass`."""
+    verify_checkpoint(Path(path), "checkpoint", verify=verify, bypass=bypass)
     try:
         safe_dcp.load({"model": template}, path, no_dist=True)
     except (Exception, CheckpointException) as e:

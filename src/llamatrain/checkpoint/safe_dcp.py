@@ -203,6 +203,8 @@ def verify(directory: Path, checksums: dict[str, str], *, rank: int, world_size:
     for i, name in enumerate(sorted(checksums)):
         if i % world_size != rank:
             continue
+        if Path(name).name != name or name in (".", ".."):  # a name, never a path elsewhere
+            return f"checksum entry {name!r} is not a file name of the checkpoint"
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"

@@ -9,6 +9,7 @@ are -100 on the prompt, the separator and padding, so the loss covers answer tok
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,11 @@ class TokenStream:
     never a smaller dataset); every read checks its token ids against `limit` (the tokenizer's
     vocabulary), so a damaged shard is a ValueError naming the file and position rather than an
     IndexError inside the embedding. A max over what was read costs nothing next to a step.
+
+    A shard truncated in place while the run reads it would end the process with SIGBUS (its
+    pages are gone from under the memory map), which no Python code can catch: every read first
+    checks the shard's size on disk (one stat, microseconds), so that it is a ValueError saying
+    what to do instead. Truncating between that check and the read still ends in SIGBUS.
     """
 
     def __init__(self, path: Path, meta: dict, split: str, *, limit: int | None = None) -> None:
@@ -62,6 +68,7 @@ class TokenStream:
         done = 0
         while done < length:
             a, offset = self.arrays[k], start + done - int(self.starts[k])
+            self._check_still_whole(k)
             n = min(length - done, len(a) - offset)
             chunk = out[done : done + n]
             chunk[:] = a[offset : offset + n]
@@ -69,6 +76,20 @@ class TokenStream:
                 self._bad_token(k, offset, chunk)
             done, k = done + n, k + 1
         return out
+
+    def _check_still_whole(self, k: int) -> None:
+        expected = len(self.arrays[k]) * self.arrays[k].itemsize
+        try:
+            size = os.stat(self.files[k]).st_size
+        except OSError as e:
+            size, why = -1, e.strerror
+        if size < expected:
+            now = f"now has {size} bytes" if size >= 0 else f"cannot be read now ({why})"
+            raise ValueError(
+                f"dataset: shard {str(self.files[k])!r} {now}, {expected} when the run opened it: "
+                "it was truncated or replaced while the run read it; a prepared source must not "
+                "change under a run: restore it (or prepare the source again into a new "
+                "directory), then start the run again (it resumes from its last checkpoint)")
 
     def _bad_token(self, k: int, offset: int, chunk: np.ndarray) -> None:
         at = int(np.argmax(chunk >= self.limit))

@@ -2,6 +2,11 @@
 of N tokenises a contiguous share of the input files into DIR/parts/, and `merge` then writes
 DIR/meta.json over all the parts' shards. Split by split, the merged token stream and the
 tokenizer are those of a one-process prepare of the same inputs, and any part can be rerun alone.
+
+Each part records, in its part.json, the range of files it read and each file's path, size and
+mtime_ns. Parts that ran while the corpus changed cut their ranges from different listings, so
+merge checks that the ranges tile the input files exactly, and that every file is still the one
+its part read; otherwise it names the part and the file.
 """
 
 from __future__ import annotations
@@ -76,6 +81,59 @@ def part_tokenizer(
     return tok
 
 
+def file_stat(path: Path) -> list:
+    """[path, size, mtime_ns] of an input file, as a part saw it ([path, -1, -1]: unreadable)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path), -1, -1]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def check_tiling(out: Path, parts: Sequence[tuple[str, dict]]) -> None:
+    """The parts' file ranges, in order, must cover the input files exactly once, and every file
+    must still be what its part read (same path, size and mtime_ns)."""
+    n = len(parts)
+    total = parts[0][1]["num_files_total"]
+    end, previous = 0, "the start"
+    for name, info in parts:
+        lo, hi = info["files"]
+        if lo != end:
+            how = (f"overlaps {previous} (files {lo}-{end})" if lo < end
+                   else f"leaves files {end}-{lo} out after {previous}")
+            raise ValueError(f"--merge={str(out)!r}: {name} covers files {lo}-{hi} of {total} and "
+                             f"{how}: the parts ran while the corpus changed; rerun every part "
+                             f"(prepare --part I/{n})")
+        end, previous = hi, name
+    if end != total:
+        raise ValueError(f"--merge={str(out)!r}: the parts end at file {end} of {total}: files "
+                         f"{end}-{total} are in no part; rerun every part (prepare --part I/{n})")
+    current = collect_files(parts[0][1]["inputs"])
+    if len(current) != total:
+        raise ValueError(f"--merge={str(out)!r}: the inputs now hold {len(current)} files, the "
+                         f"parts saw {total}: the corpus changed; rerun every part (prepare "
+                         f"--part I/{n})")
+    for name, info in parts:
+        lo, hi = info["files"]
+        if "file_stats" not in info:
+            raise ValueError(f"--merge={str(out)!r}: {name} records no file sizes (an older "
+                             f"llamatrain made it): rerun it (prepare --part {info['part']}/{n})")
+        for (path, size, mtime), now in zip(info["file_stats"], current[lo:hi], strict=True):
+            _, size_now, mtime_now = file_stat(now)
+            if path != str(now):
+                change = f"whose place in the file order now holds {now}"
+            elif size_now < 0:
+                change = "which cannot be read now"
+            elif (size, mtime) != (size_now, mtime_now):
+                change = (f"which had {size} bytes (mtime_ns {mtime}) and now has {size_now} "
+                          f"(mtime_ns {mtime_now})")
+            else:
+                continue
+            raise ValueError(f"--merge={str(out)!r}: {name} read {path}, {change}: the corpus "
+                             f"changed after that part ran; rerun it (prepare --part "
+                             f"{info['part']}/{n})")
+
+
 def build_part(
     inputs: Sequence[str],
     out: Path,
@@ -101,12 +159,15 @@ def build_part(
     tmp = parts / f".{final.name}{TMP_TAG}{owner}"
     tmp.mkdir()
     try:
+        # Taken before reading: a file that changes while the part reads it no longer matches.
+        stats = [file_stat(f) for f in files[lo:hi]]
         totals, skipped, shards = tokenize_files(files[lo:hi], tok, opts, tmp)
         info = {
             "part": part,
             "num_parts": num_parts,
             "files": [lo, hi],
             "num_files_total": len(files),
+            "file_stats": stats,
             "inputs": list(inputs),
             "options": {"format": opts.format, "text_key": opts.text_key,
                         "val_fraction": opts.val_fraction},
@@ -157,6 +218,7 @@ def merge(out: Path) -> dict:
         if info["tokenizer_sha256"] != tok.sha256:
             raise ValueError(f"--merge={str(out)!r}: {name} was tokenised with another tokenizer "
                              f"than {str(out / 'tokenizer.model')!r}; rerun it")
+    check_tiling(out, parts)
     totals, skipped, shards = Totals(), [], {s: [] for s in SPLITS}
     for name, info in parts:
         for s in SPLITS:

@@ -129,6 +129,7 @@ def slot_counts(weights: list[float], names: list[str]) -> np.ndarray:
     counts = np.floor(share).astype(np.int64)
     rest = MIX_SLOTS - int(counts.sum())
     counts[np.argsort(-(share - counts), kind="stable")[:rest]] += 1
+    assert counts.sum() == MIX_SLOTS, "weights are validated finite, with a finite sum"
     for name, w, c in zip(names, weights, counts, strict=True):
         if c == 0:
             raise ValueError(f"data.mix weight {w} of {name!r} is below the mixture's resolution "
