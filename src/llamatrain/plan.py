@@ -494,14 +494,15 @@ class StageProfile:
     """Stage steps measured on fake tensors for one (tp, activation checkpointing): stages of
     blocks only at 4p and 5p blocks (p = 2 for selective checkpointing, else 1) give what a block
     adds, a first and a last stage of 4p blocks what the embedding and the output projection and
-    loss add; a stage of at most 5p blocks is measured as it is. `exact` (the layout asked for):
-    after a step that warms the process up, not counted (the search saves it: a few percent).
-    Must run inside fake_world."""
+    loss add; a stage of at most 5p blocks is measured as it is. Must run inside fake_world."""
 
-    def __init__(self, cfg: Config, num_gpus: int, gpus_per_node: int, *, exact: bool = True):
+    # The first stage step in a process allocates more than any later one (caches warming up,
+    # about a fifth more for the 70B): one is run first, not counted.
+    warmed = False
+
+    def __init__(self, cfg: Config, num_gpus: int, gpus_per_node: int):
         self.cfg, self.num_gpus, self.gpus_per_node = cfg, num_gpus, gpus_per_node
         self.period = 2 if cfg.parallel.activation_checkpointing == "selective" else 1
-        self.exact = exact
         self._steps: dict[tuple[int, bool, bool], StageStep] = {}
 
     def _measure(self, n_blocks: int, first: bool, last: bool) -> StageStep:
@@ -517,8 +518,9 @@ class StageProfile:
             with FakeTensorMode(allow_non_fake_inputs=True):
                 stage.to_empty(device="cpu")
                 stage.init_rope()
-                if self.exact and not self._steps:  # a first step allocates more: not counted
+                if not StageProfile.warmed:
                     track_stage_step(stage, mesh, self.cfg, first=first, last=last)
+                    StageProfile.warmed = True
                 peak, saved, held = track_stage_step(stage, mesh, self.cfg, first=first,
                                                      last=last)
             gathered, activations = _split(peak)
@@ -893,7 +895,7 @@ def plan(cfg: Config, setup: Setup, *, search: bool, top: int = 10) -> dict[str,
             key = (layout.tp, layout.activation_checkpointing)
             if key not in profiles:
                 one = with_layout(cfg, replace(layout, micro_batch_size=1))
-                profiles[key] = StageProfile(one, g, gpn, exact=False)
+                profiles[key] = StageProfile(one, g, gpn)
             ranks = pipeline_dry_run(with_layout(cfg, layout), g, gpn, profile=profiles[key],
                                      exact=False)
         fullest = max(range(len(ranks)), key=lambda i: ranks[i].total)
