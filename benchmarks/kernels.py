@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,10 @@ from llamatrain import ops
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 # Providers that compile on first call go last, so a spent time budget cuts them first.
-PROVIDER_ORDER = ("llamatrain", "torch", "liger", "flash_attn", "apex", "compile")
+PROVIDER_ORDER = ("llamatrain", "torch", "sdpa_flash", "sdpa_cudnn", "liger", "flash_attn", "apex",
+                  "compile")
+# SDPA with one backend forced: `torch` lets SDPA choose; these say what each backend does.
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
 Inputs = dict[str, torch.Tensor]
 # A provider builds, from fresh inputs, the call to time and any parameters of its own.
@@ -189,6 +193,23 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def _sdpa_with(backend: str) -> Callable[[], Callable[..., Any]]:
+    """_sdpa with SDPA held to one backend (its backward is the one the forward chose)."""
+
+    def resolve() -> Callable[..., Any]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        chosen = getattr(SDPBackend, backend)
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel([chosen]):
+                return _sdpa(q, k, v)
+
+        return run
+
+    return resolve
+
+
 def importable(module: str) -> bool:
     try:
         importlib.import_module(module)
@@ -328,6 +349,8 @@ def attention_case(s: Shape, deterministic: bool = False) -> Case:
     }  # fmt: skip
     if not deterministic:
         case.providers["compile"] = _lazy(_compiled(ops.attention_ref), "q", "k", "v", causal=True)
+        for name, backend in SDPA_BACKENDS.items():
+            case.providers[name] = _lazy(_sdpa_with(backend), "q", "k", "v")
     return case
 
 
@@ -396,9 +419,11 @@ OPTIONAL = {"liger": "liger_kernel", "flash_attn": "flash_attn", "apex": "apex.n
 
 
 def available_providers(device: torch.device) -> list[str]:
-    """llamatrain, torch and compile always; the optional ones where they import (CUDA only)."""
+    """llamatrain, torch and compile always; on CUDA SDPA's flash and cuDNN backends, and the
+    optional packages where they import."""
     names = ["llamatrain", "torch", "compile"]
     if device.type == "cuda":
+        names += list(SDPA_BACKENDS)
         names += [name for name, module in OPTIONAL.items() if importable(module)]
     return [p for p in PROVIDER_ORDER if p in names]
 
@@ -490,9 +515,11 @@ def run(
     dtype: torch.dtype = torch.bfloat16,
     budget_s: float = 240.0,
     log: Callable[[str], None] = print,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for every case x provider, in provider order so that a spent budget skips the
-    compiled providers first; each row gets its fraction of the measured limits."""
+    compiled providers first; each row gets its fraction of the measured limits and is handed
+    to `on_row` as soon as it is measured."""
     names = list(providers) if providers is not None else available_providers(device)
     all_cases = cases(shapes)
     rows: list[dict[str, Any]] = []
@@ -509,6 +536,8 @@ def run(
             rows.append(row)
             _fraction(row, limits)
             log(_line(row))
+            if on_row is not None:
+                on_row(row)
     order = {(c.op, c.shape): i for i, c in enumerate(all_cases)}
     rows.sort(key=lambda r: (order[(r["op"], r["shape"])], PROVIDER_ORDER.index(r["provider"])))
     return rows
@@ -533,22 +562,73 @@ def _line(row: dict[str, Any]) -> str:
             f"fwd+bwd {row['fwd_bwd_ms']:.3f} ms  {row['fwd_bwd_rate']:.1f} {row['unit']}")
 
 
-if __name__ == "__main__":
-    # `make test-gpu` takes a first timing with `--first-timing` (7B shapes, Triton against torch
-    # eager, one minute at most); `make bench` runs the whole table through run.py.
-    import argparse
+# The rehearsal's shape: every op's code path, in seconds through the interpreter.
+REHEARSAL_SHAPE = Shape("tiny", dim=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=256,
+                        tokens=32)
+# Seconds of the section's budget kept for the measurement under way when it runs out (a
+# torch.compile of a 70B case takes tens of seconds).
+BUDGET_MARGIN_S = {"gpu": 35.0, "rehearsal": 10.0}
 
+
+def attention_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Causal attention forward+backward TFLOP/s and ms of each provider at each shape."""
+    return [{"op": r["op"], "shape": r["shape"], "provider": r["provider"],
+             "fwd_bwd_tflops": r.get("fwd_bwd_rate"), "fwd_bwd_ms": r.get("fwd_bwd_ms"),
+             "of_matmul": r.get("fwd_bwd_frac"), "error": r.get("error")}
+            for r in rows if r["op"] in ("attention", "attention_det")]
+
+
+def _one_call(fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] = ()) -> float:
+    """The rehearsal's timer: one call (the interpreter takes a good part of a second)."""
+    for t in grad_to_none:
+        t.grad = None
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def section(ctx: Any) -> dict[str, Any]:
+    """`make gpu-check`'s kernel table: the 7B and 70B shapes at 4,096 tokens in bf16 on a GPU,
+    the tiny shape in fp32 in the rehearsal; % of the limits the limits section measured."""
+    from dataclasses import asdict
+
+    import limits as limits_mod  # benchmarks/ is sys.path[0] of a section's process
+
+    from llamatrain.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    mode = "rehearsal" if ctx.rehearsal else "gpu"
+    if ctx.rehearsal:
+        device, dtype = torch.device("cpu"), torch.float32
+        shapes = [REHEARSAL_SHAPE]
+        # Not torch.compile: one compile takes longer than the whole rehearsal on 2 cores.
+        providers = ["llamatrain", "torch", "sdpa_flash"]
+        timer = _one_call
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        shapes = [Shape.of(n, load_config(root / f"configs/llama2_{n}.toml").model, 4096)
+                  for n in ("7b", "70b")]
+        providers = available_providers(device)
+        timer = lambda fn, **kw: limits_mod.median_ms(  # noqa: E731
+            fn, device, warmup_ms=10, rep_ms=50, **kw)
+    measured = ctx.earlier("limits")
+    lim = ({"copy_gbs": measured["copy_gbs"], "matmul_tflops": measured["matmul_tflops"]}
+           if measured else None)
+    rows = run(shapes, device, timer=timer, limits=lim, providers=providers, dtype=dtype,
+               budget_s=max(1.0, ctx.budget_s - BUDGET_MARGIN_S[mode]), on_row=ctx.progress)
+    return {"shapes": [asdict(s) for s in shapes], "dtype": str(dtype).removeprefix("torch."),
+            "providers": providers, "limits": lim, "rows": rows,
+            "attention": attention_summary(rows)}
+
+
+if __name__ == "__main__":
+    # The whole table on this GPU, printed (`make gpu-check` and `make bench` keep it in files).
     import limits as limits_mod  # this folder is sys.path[0] when run as a script
 
     from llamatrain.config import load_config
 
-    parser = argparse.ArgumentParser(description="kernel benchmark (CUDA)")
-    parser.add_argument("--first-timing", action="store_true")
-    args = parser.parse_args()
     dev = torch.device("cuda")
-    sizes = ("7b",) if args.first_timing else ("7b", "70b")
-    paper = [Shape.of(n, load_config(f"configs/llama2_{n}.toml").model, 4096) for n in sizes]
+    paper = [Shape.of(n, load_config(f"configs/llama2_{n}.toml").model, 4096)
+             for n in ("7b", "70b")]
     run(paper, dev, timer=lambda fn, **kw: limits_mod.median_ms(fn, dev, **kw),
-        limits=limits_mod.measure(dev),
-        providers=("llamatrain", "torch") if args.first_timing else None,
-        budget_s=60.0 if args.first_timing else 240.0)
+        limits=limits_mod.measure(dev), budget_s=240.0)

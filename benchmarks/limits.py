@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -75,6 +76,23 @@ def measure(device: torch.device, *, quick: bool = False) -> dict[str, float]:
         result = {"copy_gbs": copy_gbs(device), "matmul_tflops": matmul_tflops(device)}
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return result
+
+
+def section(ctx: Any) -> dict[str, Any]:
+    """`make gpu-check`'s limits: both measured, beside the data sheet's bf16 peak
+    (llamatrain.hardware); tiny sizes in the rehearsal."""
+    from llamatrain.hardware import from_name, peak_flops
+
+    device = torch.device("cpu" if ctx.rehearsal else "cuda")
+    name = "cpu" if ctx.rehearsal else torch.cuda.get_device_name(device)
+    result: dict[str, Any] = {"device": name, **measure(device, quick=ctx.rehearsal)}
+    peak = peak_flops(name, "bf16")
+    gpu = from_name(name)
+    result["datasheet"] = {"gpu": gpu.key if gpu else None,
+                           "bf16_tflops": peak / 1e12 if peak else None,
+                           "memory_gib": gpu.memory_gib if gpu else None}
+    result["matmul_of_datasheet"] = result["matmul_tflops"] * 1e12 / peak if peak else None
     return result
 
 

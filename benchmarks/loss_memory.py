@@ -41,7 +41,10 @@ def run_variant(variant: str, tokens: int, vocab: int, dim: int) -> dict:
     """Forward + backward of one variant in this process; its added peak memory in bytes."""
     import torch
 
-    from llamatrain import kernels, ops
+    from llamatrain import ops
+
+    if variant != "unfused-torch":  # Triton only where a kernel runs
+        from llamatrain import kernels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -78,6 +81,46 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def compare(variants: list[str], tokens: int, vocab: int, dim: int,
+            timeout_s: float | None = None) -> list[dict]:
+    """Each variant in a fresh process, all within `timeout_s`; a variant that fails gives a row
+    with its `error`: the last lines its process wrote to stderr, which is where the reason is."""
+    rows = []
+    deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+    for variant in variants:
+        left = None if deadline is None else max(1.0, deadline - time.perf_counter())
+        try:
+            done = subprocess.run(
+                [sys.executable, __file__, "--variant", variant, "--tokens", str(tokens),
+                 "--vocab", str(vocab), "--dim", str(dim)],
+                capture_output=True, text=True, timeout=left,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": variant, "error": f"timed out after {left:.0f} s"})
+            continue
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            tail = done.stderr.strip().splitlines()[-3:] or [f"exit status {done.returncode}"]
+            rows.append({"variant": variant, "error": " | ".join(tail)})
+            continue
+        rows.append(json.loads(lines[-1]))
+    return rows
+
+
+# `make gpu-check`: Llama 2's 8,192 tokens x 32,000 at the 7B's hidden size on the GPU; in the
+# rehearsal a problem small for the interpreter whose logits (8 MiB) still stand out of the
+# process's own memory noise.
+SIZES = {"gpu": (8192, 32000, 4096), "rehearsal": (1024, 2048, 32)}
+
+
+def section(ctx) -> dict:
+    tokens, vocab, dim = SIZES["rehearsal" if ctx.rehearsal else "gpu"]
+    rows = compare(list(VARIANTS), tokens, vocab, dim, timeout_s=ctx.budget_s - 3)
+    for r in rows:
+        ctx.progress(r)
+    return {"tokens": tokens, "vocab": vocab, "dim": dim, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
@@ -91,20 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.tokens, args.vocab, args.dim)))
         return 0
-    rows = []
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    for variant in variants:
         if variant not in VARIANTS:
             print(f"loss_memory: --variants {variant}: expected one of {', '.join(VARIANTS)}",
                   file=sys.stderr)  # fmt: skip
             return 2
-        done = subprocess.run(
-            [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens),
-             "--vocab", str(args.vocab), "--dim", str(args.dim)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(f"{variant:<15} peak +{r['peak_added_bytes'] / 2**20:8.0f} MiB  loss "
+    rows = compare(variants, args.tokens, args.vocab, args.dim)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<15} failed: {r['error']}", flush=True)
+            continue
+        print(f"{r['variant']:<15} peak +{r['peak_added_bytes'] / 2**20:8.0f} MiB  loss "
               f"{r['loss']:.6f}  {r['seconds']:.1f} s  ({r['device']}, {r['dtype']})", flush=True)
     if args.out:
         result = {
@@ -113,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         }  # fmt: skip
         args.out.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -158,6 +158,29 @@ def train_plot(train: Any, out: Path, stem: str) -> list[Path]:
     return [path]
 
 
+def train_compare_plot(curves: dict[str, list[dict[str, Any]]], out: Path, stem: str
+                       ) -> list[Path]:
+    """Loss and tokens/s per step of several runs of one model (label -> records), overlaid."""
+    fig, (ax_loss, ax_tps) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, records in curves.items():
+        loss = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        tps = [(r["step"], r["tokens_per_s"]) for r in records if r.get("tokens_per_s")]
+        if loss:
+            ax_loss.plot(*zip(*loss, strict=True), marker=".", label=label)
+        if tps:
+            ax_tps.plot(*zip(*tps, strict=True), marker=".", label=label)
+    for ax, what in ((ax_loss, "training loss"), (ax_tps, "tokens/s per device")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=8)
+    fig.suptitle("Training: the same model, data and seed with each kernels.backend")
+    fig.tight_layout()
+    path = out / f"{stem}-train.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
 def plot_all(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     """Every plot the results allow; returns the files written."""
     sections = results["sections"]

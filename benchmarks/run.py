@@ -304,6 +304,25 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+def float8_markdown(float8: dict[str, Any] | None) -> list[str]:
+    """The float8 row of benchmarks/train.py (train.float8_rows): a table, or why it was skipped."""
+    if float8 is None:
+        return []
+    lines = ["## Float8 training", ""]
+    if "skipped" in float8:
+        return lines + [f"Skipped: {float8['skipped']}.", ""]
+    if "error" in float8:
+        return lines + [f"Failed: {float8['error']}.", ""]
+    lines += [f"bf16 and torchao's float8 recipes, each with `parallel.compile`, "
+              f"{float8['steps']} steps from the same seed; tokens/s is the median step, loss "
+              "the last step's, MFU against the bf16 peak.", ""]
+    return lines + _table(
+        ["precision", "tokens/s per device", "vs bf16", "loss", "MFU"],
+        [["bf16" if r["float8"] == "none" else f"float8 {r['float8']}",
+          f"{r['tokens_per_s_per_device']:,.0f}", f"{r['vs_bf16']:.2f}x", f"{r['loss']:.4f}",
+          f"{r['mfu']:.1%}" if r["mfu"] is not None else None] for r in float8["rows"]])
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["sections"]
     lines = [
@@ -350,9 +369,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"## {name.capitalize()} benchmark", ""]
         if "result" in section:
             lines += [f"`benchmarks/{name}.py`, {section['wall_s']:.1f} s.", ""]
-            lines += _table(["key", "value"], [list(kv) for kv in _flatten(section["result"])])
+            rest = {k: v for k, v in section["result"].items() if k != "float8"}
+            lines += _table(["key", "value"], [list(kv) for kv in _flatten(rest)])
         else:
             lines += [f"Not run: {section.get('skipped') or section.get('error')}.", ""]
+    lines += float8_markdown(((s.get("train") or {}).get("result") or {}).get("float8"))
     acct = s["accounting"]
     lines += ["## Run accounting", "", "Table 2 through `python -m llamatrain.carbon estimate` "
               "(defaults: PUE 1.0, 0.4235 kg CO2eq/kWh):", ""]

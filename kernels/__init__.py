@@ -49,7 +49,50 @@ def _configure_interpreter() -> None:
         )
 
 
+def _interpreter_loop_bounds() -> None:
+    """Let the interpreter of Triton 3.6 take runtime loop bounds with numpy >= 2.4.
+
+    That interpreter holds every runtime scalar (a kernel argument, `tl.program_id`, a
+    `tl.minimum` of them) as a one-element array and makes a loop bound of it with
+    `int(array)`, which numpy 2.4 refuses for an array of one dimension: every loop whose bound
+    is not a constexpr fails ("only 0-dimensional arrays can be converted to Python scalars"),
+    and no kernel source can make a runtime bound anything else there. Newer Triton squeezes the
+    array first; this gives an interpreter that fails the probe below that same `__index__`.
+    Compiled kernels are not touched."""
+    import operator
+    from types import SimpleNamespace
+
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_llamatrain", False):
+        return
+
+    class Probe:
+        handle = SimpleNamespace(data=np.array([3]))
+
+    scope = interpreter._LangPatchScope()
+    patch_tensor(Probe, scope)
+    try:
+        operator.index(Probe())
+        return  # this interpreter takes one-element arrays as loop bounds
+    except TypeError:
+        pass
+    finally:
+        scope.restore()
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._llamatrain = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
 _configure_interpreter()
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_loop_bounds()
 
 from .attention import attention  # noqa: E402
 from .cross_entropy import cross_entropy  # noqa: E402

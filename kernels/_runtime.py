@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 import triton
+from torch.library import wrap_triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 from llamatrain.hardware import BY_ARCH, GPU
 
@@ -88,23 +91,31 @@ def target(device: torch.device) -> Target:
     return _INTERPRETER_TARGET
 
 
+def traceable(kernel: Any) -> Any:
+    """`kernel` as a launch inside a `triton_op` must call it: through `wrap_triton`, so that
+    torch.compile can trace the launch, when it is a compiled kernel; the interpreter's function
+    as it is (torch 2.11 refuses to wrap it, and nothing traces an interpreted launch: FakeTensors
+    hold no data for the interpreter to read)."""
+    if isinstance(kernel, (JITFunction, Autotuner)):
+        return wrap_triton(kernel)
+    return kernel
+
+
 def launch(
-    wrapped: Any, grid: tuple[int, ...], *args: Any, num_warps: int, num_stages: int = 1,
+    kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int, num_stages: int = 1,
     **constexprs: Any,
 ) -> None:
-    """Launch `wrapped` (a `torch.library.wrap_triton` kernel) or record it for `compile_check`."""
+    """Launch the `@triton.jit` function `kernel` or record it for `compile_check`."""
     # FMA contraction stated explicitly: Triton 3.9 warns that its default will change.
     options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
     if _recorder is not None:
-        # wrap_triton returns the bare kernel when it need not trace (e.g. wrapping disabled).
-        kernel = getattr(wrapped, "kernel", wrapped)
         names = kernel.arg_names
         values = dict(zip(names, args, strict=False)) | constexprs
         if len(args) > len(names) or set(values) != set(names):
             raise TypeError(f"{kernel.__name__}: arguments {sorted(values)} != {sorted(names)}")
         _recorder.launches.append(Launch(kernel, values, options, tuple(grid)))
         return
-    wrapped[grid](*args, **options, **constexprs)
+    traceable(kernel)[grid](*args, **options, **constexprs)
 
 
 @contextlib.contextmanager

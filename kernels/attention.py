@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import _runtime
 
@@ -406,7 +406,7 @@ def _forward(
     tile = launch_config(head_dim, target, q.dtype).fwd
     sm_scale = 1.0 / math.sqrt(head_dim)
     _runtime.launch(
-        wrap_triton(_attn_fwd_kernel), (batch * n_q_heads, _runtime.cdiv(seq_q, tile.block_m)),
+        _attn_fwd_kernel, (batch * n_q_heads, _runtime.cdiv(seq_q, tile.block_m)),
         q, k, v, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         n_q_heads, n_q_heads // n_kv_heads, seq_q, seq_k, sm_scale * LOG2E,
@@ -434,7 +434,7 @@ def _backward(
     delta = torch.empty_like(lse)
     block = config.dq.block_m
     _runtime.launch(
-        wrap_triton(_attn_bwd_delta_kernel), (_runtime.cdiv(seq_q, block), batch * n_q_heads),
+        _attn_bwd_delta_kernel, (_runtime.cdiv(seq_q, block), batch * n_q_heads),
         out, do, delta, *_strides(out), *_strides(do), n_q_heads, seq_q,
         HEAD_DIM=head_dim, BLOCK_M=block, num_warps=4,
     )  # fmt: skip
@@ -447,7 +447,7 @@ def _backward(
         dq.zero_()
     tile = config.dkdv if deterministic else config.bwd
     _runtime.launch(
-        wrap_triton(_attn_bwd_dkdv_kernel),
+        _attn_bwd_dkdv_kernel,
         (batch * n_kv_heads, _runtime.cdiv(seq_k, tile.block_n)),
         q, k, v, do, lse, delta, dk, dv, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
@@ -461,7 +461,7 @@ def _backward(
 
     tile = config.dq
     _runtime.launch(
-        wrap_triton(_attn_bwd_dq_kernel), (batch * n_q_heads, _runtime.cdiv(seq_q, tile.block_m)),
+        _attn_bwd_dq_kernel, (batch * n_q_heads, _runtime.cdiv(seq_q, tile.block_m)),
         q, k, v, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         n_q_heads, group_size, seq_q, seq_k, sm_scale * LOG2E, sm_scale,

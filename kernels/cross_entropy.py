@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import _runtime
 
@@ -108,7 +108,7 @@ def launch_rows(
     target = _runtime.target(logits2.device)
     programs = max(1, min(n_rows, rows_in_flight(target, n_cols * logits2.element_size())))
     _runtime.launch(
-        wrap_triton(_cross_entropy_fwd_kernel), (programs,),
+        _cross_entropy_fwd_kernel, (programs,),
         logits2, targets1, inv_count, losses, dlogits,
         logits2.stride(0), dlogits.stride(0) if compute_grad else n_cols, n_rows, n_cols,
         ignore_index,

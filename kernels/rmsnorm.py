@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import _runtime
 
@@ -94,7 +94,7 @@ def _forward(
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block, warps = launch_config(n_cols)
     _runtime.launch(
-        wrap_triton(_rms_norm_fwd_kernel), (n_rows,),
+        _rms_norm_fwd_kernel, (n_rows,),
         x2, r2, h, y, weight.contiguous(), rstd,
         x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
         n_cols, eps,
@@ -119,7 +119,7 @@ def _backward(
     # Every program stores its whole row of partials (zeros if it had no rows): no memset.
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h.device)
     _runtime.launch(
-        wrap_triton(_rms_norm_bwd_kernel), (programs,),
+        _rms_norm_bwd_kernel, (programs,),
         dy2, dh2, h, weight.contiguous(), rstd, dx, dw_partial,
         dy2.stride(0), dh2.stride(0), h.stride(0), dx.stride(0),
         n_rows, n_cols, rows_per_program,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import _runtime
 
@@ -86,7 +86,7 @@ def _rotate(
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     block_hq, block_hk, block_d, warps = launch_config(n_q_heads, n_kv_heads, head_dim)
     _runtime.launch(
-        wrap_triton(_rotary_kernel), (batch * seq,),
+        _rotary_kernel, (batch * seq,),
         q, k, cos, sin, q_out, k_out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

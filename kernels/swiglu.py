@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import _runtime
 
@@ -58,7 +58,7 @@ def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block, warps = launch_config(n_cols)
     _runtime.launch(
-        wrap_triton(_swiglu_fwd_kernel), (n_rows, _runtime.cdiv(n_cols, block)),
+        _swiglu_fwd_kernel, (n_rows, _runtime.cdiv(n_cols, block)),
         g2, u2, y, g2.stride(0), u2.stride(0), n_cols, n_cols,
         BLOCK=block, num_warps=warps,
     )  # fmt: skip
@@ -74,7 +74,7 @@ def _backward(
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     block, warps = launch_config(n_cols)
     _runtime.launch(
-        wrap_triton(_swiglu_bwd_kernel), (n_rows, _runtime.cdiv(n_cols, block)),
+        _swiglu_bwd_kernel, (n_rows, _runtime.cdiv(n_cols, block)),
         dy2, g2, u2, dg, du,
         dy2.stride(0), g2.stride(0), u2.stride(0), n_cols, n_cols,
         n_cols, BLOCK=block, num_warps=warps,

@@ -1,12 +1,15 @@
 """What the kernel tests share: the device and dtypes they run on, and how they compare.
 
 By default the kernels run on the CPU through Triton's interpreter, in fp32.
-`LLAMATRAIN_TEST_DEVICE=cuda` runs the same tests on a GPU in bf16 and fp32 (`make test-gpu`).
+`LLAMATRAIN_TEST_DEVICE=cuda` runs the same tests on a GPU in bf16 and fp32 (`make gpu-check`).
 Errors are normalised by the largest reference value, so one tolerance fits tensors of any scale.
+`LLAMATRAIN_TEST_ERRORS=FILE` appends every compared error to FILE as a JSON line (test, what,
+error, tolerance): the worst errors of the check's correctness table.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -36,10 +39,20 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected).abs().max() / scale).item()
 
 
+def _record(what: str, err: float, tol: float) -> None:
+    path = os.environ.get("LLAMATRAIN_TEST_ERRORS")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, "what": what, "error": err, "tolerance": tol}) + "\n")
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert torch.isfinite(actual.float()).all(), f"{what}: not finite"
-    err = relative_error(actual, expected)
+    finite = bool(torch.isfinite(actual.float()).all())
+    err = relative_error(actual, expected) if finite else float("inf")
+    _record(what, err, tol)
+    assert finite, f"{what}: not finite"
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 

@@ -47,6 +47,8 @@ def test_resolved_toml_loads_back_to_the_same_config(tmp_path):
         ("--kernels.attention_backward=fast",
          "kernels.attention_backward = 'fast': expected one of atomic, deterministic"),
         ("--train.dtype=fp8", "train.dtype = 'fp8': expected one of auto, bf16, fp32"),
+        ("--train.float8=fp8",
+         "train.float8 = 'fp8': expected one of none, tensorwise, rowwise"),
         ("--train.seq_len=1024", "train.seq_len = 1024: exceeds model.max_seq_len = 256"),
         ("--parallel.dp_shard=0", "parallel.dp_shard = 0: expected -1"),
         ("train.steps", "override 'train.steps': expected section.key=value"),

@@ -744,3 +744,24 @@ def test_merge_refuses_parts_that_ran_while_the_corpus_changed(tmp_path, capsys)
         f"error: --merge='{out}': part-00000-of-00002 read {corpus / 'f0.txt'}, which had "
         f"{size} bytes (mtime_ns {seen}) and now has {size} (mtime_ns 1): the corpus changed "
         "after that part ran; rerun it (prepare --part 0/2)")
+
+
+def test_without_zstandard_the_trainer_imports_and_zst_inputs_are_one_line(tmp_path):
+    # The GPU image has no zstandard: nothing but .zst inputs may need it.
+    (tmp_path / "a.txt").write_text("plain text\n")
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n'))
+    code = (
+        "import sys\n"
+        "sys.modules['zstandard'] = None  # import zstandard now raises ImportError\n"
+        "import llamatrain.train, llamatrain.data.cache\n"
+        "from llamatrain.data.readers import collect_files\n"
+        f"print(len(collect_files([{str(tmp_path / 'a.txt')!r}])))\n"
+        f"collect_files([{str(tmp_path)!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "1"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"ValueError: --input={str(tmp_path)!r}: 1 .zst file(s), e.g. "
+        f"{str(tmp_path / 'b.jsonl.zst')!r}, and the zstandard package is not installed "
+        "(pip install zstandard)")

@@ -31,12 +31,13 @@ def torch_backend_afterwards():
     ops.set_backend("torch")
 
 
-def batch(seed: int, batch_size: int = 2, seq: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(seed: int, batch_size: int = 2, seq: int = 37, device: str = DEVICE
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, CFG.vocab_size, (batch_size, seq + 1), generator=gen)
     targets = tokens[:, 1:].clone()
     targets[0, :5] = -100  # a masked prompt, as in SFT
-    return tokens[:, :-1].to(DEVICE), targets.to(DEVICE)
+    return tokens[:, :-1].to(device), targets.to(device)
 
 
 def forward_backward(backend: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -92,7 +93,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        tokens, targets = batch(seed=1 + rank, seq=16)
+        tokens, targets = batch(seed=1 + rank, seq=16, device="cpu")
         losses[backend] = []
         for _ in range(2):  # the second loss is measured after one optimizer step
             loss = ops.cross_entropy(model(tokens), targets)
@@ -113,8 +114,10 @@ def free_port() -> int:
 
 def test_fsdp2_training_step_on_two_gloo_ranks_with_triton_equals_torch(tmp_path, monkeypatch):
     # The ranks train on the CPU over gloo, so they run the kernels through the interpreter,
-    # also where this process has a GPU.
+    # also where this process has a GPU; whatever device the other tests run on (they see
+    # LLAMATRAIN_TEST_DEVICE=cuda here as under `make gpu-check`), their data stays on the CPU.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("LLAMATRAIN_TEST_DEVICE", "cuda")
     mp.spawn(_fsdp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         losses = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -12,12 +12,19 @@ import subprocess
 import time
 
 import pytest
+import torch
 from conftest import REPO, losses, run_train, tiny_args, train_command
 
 from llamatrain import ops
 from llamatrain.config import TrainConfig, load_config
 from llamatrain.distributed.parallel_dims import batch_geometry
-from llamatrain.train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, attention_backward, lr_at
+from llamatrain.train import (
+    REQUEUE_EXIT_CODE,
+    REQUEUE_MARKER,
+    attention_backward,
+    lr_at,
+    use_deterministic_algorithms,
+)
 
 STOP = {"LLAMATRAIN_FAULT_STOP_STEP": "6"}
 
@@ -64,6 +71,8 @@ def test_run_directory_has_everything_design_md_promises(runs):
     report = json.loads((run_dir / "report.json").read_text())
     assert (report["world_size"], report["num_nodes"], report["steps"]) == (2, 1, 12)
     assert report["device"] == "cpu" and report["tokens"] == 12 * 1024
+    # train.deterministic: the kernels are chosen without timing (PyTorch on a CPU).
+    assert report["kernels"] == "torch" and report["kernel_choice"]["how"] == "deterministic"
     for key in ("wall_s", "tokens_per_s", "device_hours", "gpu_hours", "energy_kwh", "tco2eq"):
         assert report[key] > 0, key
     assert (run_dir / "report.md").is_file() and (run_dir / "loss.png").stat().st_size > 1000
@@ -312,3 +321,17 @@ def test_profile_steps_record_a_trace_that_perfetto_opens(prepared_data, tmp_pat
     assert f"profiler trace: {trace}" in proc.stdout
     events = json.loads(trace.read_text())["traceEvents"]
     assert any("aten::mm" in e.get("name", "") for e in events)
+
+
+def test_deterministic_mode_gives_cublas_its_fixed_workspace_and_keeps_a_users(monkeypatch):
+    # torch refuses the first cuBLAS matmul in deterministic mode without CUBLAS_WORKSPACE_CONFIG.
+    try:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+        use_deterministic_algorithms()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        use_deterministic_algorithms()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -13,7 +13,9 @@ reproduces every row within 0.02%. It equals the US-average 0.385 kg/kWh times a
 method of the LLaMA 1 paper; Table 2's caption says its power is already "adjusted for power usage
 efficiency", so `carbon.pue` defaults to 1.0 and the PUE lives in the factor.
 
-CLI: `python -m llamatrain.carbon estimate ...` and `python -m llamatrain.carbon project ...`.
+CLI: `python -m llamatrain.carbon estimate ...` and `python -m llamatrain.carbon project ...`;
+`project` takes the config's `--section.key=value` overrides, `--train.float8` included (the
+converted linears at the device's fp8 peak, plan.peak_seconds_per_token; MFU stays against bf16's).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from llamatrain.plan import (
     candidate_layouts,
     check_cluster,
     check_layout,
+    peak_seconds_per_token,
     state_bytes,
     step_model,
 )
@@ -242,27 +245,32 @@ def project(plan: Plan) -> dict[str, Any]:
     device = gpu(plan.device)
     fpt = flops_per_token(cfg.model, cfg.train.seq_len)
     peak = peak_flops(device.name, "bf16")
+    try:
+        layout, _ = check_layout(cfg, plan.num_gpus, plan.gpus_per_node)
+    except ValueError as e:
+        raise ValueError(f"{e} (at {plan.num_gpus} GPUs){_accepted(cfg, plan)}") from None
+    # One token's FLOPs at the device's peaks; under train.float8 the converted linears at fp8's.
+    at_peak = peak_seconds_per_token(cfg, device, tp=layout.tp)
     if plan.tokens_per_s_per_gpu is not None:
         _check("tokens_per_s_per_gpu", plan.tokens_per_s_per_gpu, strict=True)
         tps = plan.tokens_per_s_per_gpu
-        mfu = tps * fpt / peak
+        compute_mfu = tps * at_peak
     else:
-        mfu = PAPER_MFU if plan.mfu is None else plan.mfu
-        if not 0 < mfu <= 1:
-            raise ValueError(f"mfu = {mfu!r}: expected a fraction in (0, 1]")
-        tps = mfu * peak / fpt
+        compute_mfu = PAPER_MFU if plan.mfu is None else plan.mfu
+        if not 0 < compute_mfu <= 1:
+            raise ValueError(f"mfu = {compute_mfu!r}: expected a fraction in (0, 1]")
+        tps = compute_mfu / at_peak
+    # Against the bf16 peak, as the trainer logs it: above compute_mfu under float8, equal without.
+    mfu = tps * fpt / peak if cfg.train.float8 != "none" else compute_mfu
 
     def step(g: int, fabric: str) -> dict[str, Any]:
         layout, _ = check_layout(cfg, g, plan.gpus_per_node)
         out = step_model(cfg, layout, num_gpus=g, gpus_per_node=plan.gpus_per_node,
-                         device=device, mfu=mfu, fabric=FABRICS[fabric],
+                         device=device, mfu=compute_mfu, fabric=FABRICS[fabric],
                          link_gbps=plan.link_gbps, nics_per_node=plan.nics_per_node)
         return {**out, "layout": layout}
 
-    try:
-        headline = step(plan.num_gpus, plan.fabric or "ib")
-    except ValueError as e:
-        raise ValueError(f"{e} (at {plan.num_gpus} GPUs){_accepted(cfg, plan)}") from None
+    headline = step(plan.num_gpus, plan.fabric or "ib")
     efficiency = headline["efficiency"] if plan.fabric is not None else 1.0
     gpu_hours = plan.tokens / tps / 3600.0 / efficiency
     power_w = plan.power_w or tdp_watts(device.name)
@@ -275,6 +283,8 @@ def project(plan: Plan) -> dict[str, Any]:
         "device": plan.device,
         "peak_flops": peak,
         "mfu": mfu,
+        "float8": cfg.train.float8,
+        "compute_mfu": compute_mfu,
         "tokens_per_s_per_gpu": tps,
         "fabric": plan.fabric,
         "scaling_efficiency": efficiency,
@@ -320,14 +330,18 @@ def _accepted(cfg: Config, plan: Plan) -> str:
 def format_projection(p: dict[str, Any]) -> str:
     peak = f" of {p['peak_flops'] / 1e12:.0f} TFLOP/s bf16" if p["peak_flops"] else ""
     mfu = f"MFU {p['mfu']:.1%}{peak}" if p["mfu"] is not None else "MFU unknown"
+    float8 = ""
+    if p.get("float8", "none") != "none":
+        float8 = (f"; float8 {p['float8']}: {p['compute_mfu']:.1%} of each peak, the block "
+                  "linears at fp8's")
     fabric = ""
     if p["fabric"]:
         fabric = f", {FABRICS[p['fabric']].name} scaling efficiency {p['scaling_efficiency']:.1%}"
     lines = [
         f"model: {p['params'] / 1e9:.2f}B parameters, {p['flops_per_token'] / 1e9:.2f} GFLOP per "
         f"token at sequence length {p['seq_len']}",
-        f"throughput: {p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU ({mfu} on {p['device']})"
-        f"{fabric}",
+        f"throughput: {p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU ({mfu} on {p['device']}"
+        f"{float8}){fabric}",
         f"{p['tokens']:.3g} tokens on {p['gpus']:,} GPUs: {p['gpu_hours']:,.0f} GPU-hours, "
         f"{p['days']:.1f} days",
         f"energy {p['energy_kwh']:,.0f} kWh ({p['power_w']:.0f} W x PUE {p['pue']:.2f}) -> "

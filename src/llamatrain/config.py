@@ -82,6 +82,12 @@ class TrainConfig:
     eval_batches: int = _f(4, "Micro-batches per rank in one validation pass.")
     max_bad_steps: int = _f(5, "Stop after this many non-finite losses in a row.")
     deterministic: bool = _f(False, "Use deterministic algorithms (bit-identical reruns).")
+    float8: str = _f(
+        "none", "none, tensorwise or rowwise: the block linears' matmuls in float8 through "
+        "torchao (the float8 extra; GPUs of sm_89 and newer, emulated on CPU). Meant with "
+        "parallel.compile = true: without it every cast is a kernel of its own and a step is "
+        "usually slower than bf16's. Checkpoints stay as they are.",
+    )  # fmt: skip
 
 
 @dataclass
@@ -135,7 +141,11 @@ class ParallelConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = _f("auto", "auto (Triton on CUDA, PyTorch on CPU), triton or torch.")
+    backend: str = _f(
+        "auto", "auto (on CUDA each op the faster of its Triton kernel and PyTorch, timed at "
+        "startup on the run's shapes; the kernels untimed with train.deterministic; PyTorch on "
+        "CPU), triton or torch.",
+    )  # fmt: skip
     attention_backward: str = _f(
         "atomic", "Triton attention backward: atomic (dQ summed with fp32 atomics in the dK/dV "
         "pass, 5 GEMMs per block pair) or deterministic (dQ in its own kernel, bit-identical "
@@ -153,7 +163,7 @@ class KernelsConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _f(500, "Save every this many steps (and at the end).")
+    interval: int = _f(500, "Save every this many steps and at the end (0 = never: benchmarks).")
     keep: int = _f(3, "Newest checkpoints kept on disk.")
     async_save: bool = _f(False, "Save in the background; block only while staging.", key="async")
     init_from: str = _f("", "Checkpoint to initialise a new run from (weights only), verified "
@@ -304,6 +314,8 @@ def _finite(cfg: Config) -> None:
 
 TP_CHOICES = (1, 2, 4, 8, 16)
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+# train.float8: off, or torchao's recipe of that name (llamatrain.distributed.float8).
+FLOAT8_MODES = ("none", "tensorwise", "rowwise")
 
 
 def tp_divides(cfg: Config) -> dict[str, int]:
@@ -396,6 +408,7 @@ def validate(cfg: Config) -> Config:
         )
     _choice("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("adamw", "apex_fused_adam"))
+    _choice("train.float8", t.float8, FLOAT8_MODES)
     _choice("data.format", cfg.data.format, ("pretrain", "sft"))
     if not 0 <= cfg.data.val_fraction < 1:
         raise ValueError(f"data.val_fraction = {cfg.data.val_fraction}: expected [0, 1)")
@@ -421,7 +434,7 @@ def validate(cfg: Config) -> Config:
     _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch"))
     _choice("kernels.attention_backward", cfg.kernels.attention_backward,
             ("atomic", "deterministic"))  # fmt: skip
-    _positive("checkpoint.interval", cfg.checkpoint.interval)
+    _positive("checkpoint.interval", cfg.checkpoint.interval, zero_ok=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("metrics.log_interval", cfg.metrics.log_interval)
     _positive("metrics.profile_steps", cfg.metrics.profile_steps, zero_ok=True)

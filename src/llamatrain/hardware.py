@@ -89,6 +89,15 @@ DTYPES = {
     "fp32": "fp32", "float32": "fp32", "torch.float32": "fp32",
 }  # fmt: skip
 
+# float8 (e4m3/e5m2) tensor cores: Ada (sm_89) and Hopper (sm_90) onwards; an A100 (sm_80) has none.
+FP8_MIN_ARCH = 89
+
+
+def has_fp8(arch: int) -> bool:
+    """Whether a GPU of CUDA compute capability `arch` (90 = sm_90) has float8 tensor cores."""
+    return arch >= FP8_MIN_ARCH
+
+
 # An unknown GPU is charged like an A100; a CPU process like a share of a server socket. Both
 # are order-of-magnitude figures: set carbon.power_w for the machine at hand.
 UNKNOWN_GPU_W = 400.0

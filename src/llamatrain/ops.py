@@ -1,14 +1,16 @@
 """The ops the model calls, each with a plain PyTorch reference.
 
 `set_backend` chooses between the references (`torch`) and the fused Triton kernels of
-`llamatrain.kernels` (`triton`); `auto` means Triton on CUDA and PyTorch elsewhere. The `*_ref`
-functions are the specification the kernels are tested against: simple, in fp32, never clever.
-Tensors are in (batch, seq, heads, head_dim) layout.
+`llamatrain.kernels` (`triton`), for every op or for some (`kernel_ops`: what
+`llamatrain.kernels_choice` picked op by op); `auto` means Triton on CUDA and PyTorch elsewhere.
+The `*_ref` functions are the specification the kernels are tested against: simple, in fp32,
+never clever. Tensors are in (batch, seq, heads, head_dim) layout.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from types import ModuleType
 
 import torch
@@ -17,35 +19,49 @@ from torch.distributed.tensor import DTensor, Partial
 
 BACKENDS = ("auto", "triton", "torch")
 ATTENTION_BACKWARDS = ("atomic", "deterministic")
+# The ops that have a Triton kernel, by the names of their functions here.
+OPS = ("rms_norm", "swiglu", "rotary", "attention", "cross_entropy", "linear_cross_entropy")
 
 _kernels: ModuleType | None = None
+_kernel_ops: frozenset[str] = frozenset()
 _deterministic_attention = False
 
 
-def set_backend(backend: str, device_type: str = "cpu", attention_backward: str = "atomic") -> str:
+def set_backend(
+    backend: str, device_type: str = "cpu", attention_backward: str = "atomic", *,
+    kernel_ops: Iterable[str] | None = None,
+) -> str:
     """Select the implementation of every op; returns the resolved backend (`triton` or `torch`).
 
     On a CPU, `triton` runs the kernels through Triton's interpreter: importing
     `llamatrain.kernels` takes care that the interpreter is on before Triton is imported.
     `attention_backward` chooses the Triton attention backward: `atomic` (dQ summed with atomics
     in the dK/dV pass, FlashAttention-2's 5 GEMMs) or `deterministic` (bit-identical reruns).
+    With `kernel_ops`, only those ops (names of OPS) run their kernels, the rest PyTorch.
     """
-    global _kernels, _deterministic_attention
+    global _kernels, _kernel_ops, _deterministic_attention
     if backend not in BACKENDS:
         raise ValueError(f"kernels.backend = {backend!r}: expected one of {', '.join(BACKENDS)}")
     if attention_backward not in ATTENTION_BACKWARDS:
         raise ValueError(f"kernels.attention_backward = {attention_backward!r}: expected one of "
                          f"{', '.join(ATTENTION_BACKWARDS)}")  # fmt: skip
+    chosen = frozenset(OPS if kernel_ops is None else kernel_ops)
+    assert chosen <= set(OPS), sorted(chosen - set(OPS))
     _deterministic_attention = attention_backward == "deterministic"
     if backend == "auto":
         backend = "triton" if device_type == "cuda" else "torch"
-    if backend == "torch":
-        _kernels = None
-        return backend
+    if backend == "torch" or not chosen:
+        _kernels, _kernel_ops = None, frozenset()
+        return "torch"
     from llamatrain import kernels
 
-    _kernels = kernels
+    _kernels, _kernel_ops = kernels, chosen
     return backend
+
+
+def _kernel(op: str) -> ModuleType | None:
+    """llamatrain.kernels when `op` runs its Triton kernel, else None (its PyTorch path)."""
+    return _kernels if op in _kernel_ops else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +149,8 @@ def rms_norm(
         # Sequence parallelism: a gain replicated over the tensor-parallel ranks, applied to this
         # rank's slice of the sequence; its gradient here is a partial sum over the slices.
         weight = weight.to_local(grad_placements=[Partial()] * weight.device_mesh.ndim)
-    if _kernels is not None:
-        return _kernels.rms_norm(x, weight, eps, residual=residual)
+    if (kernels := _kernel("rms_norm")) is not None:
+        return kernels.rms_norm(x, weight, eps, residual=residual)
     if residual is None:
         return rms_norm_ref(x, weight, eps)
     h = x + residual
@@ -142,24 +158,24 @@ def rms_norm(
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if _kernels is not None:
-        return _kernels.swiglu(gate, up)
+    if (kernels := _kernel("swiglu")) is not None:
+        return kernels.swiglu(gate, up)
     return swiglu_ref(gate, up)
 
 
 def rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _kernels is not None:
-        return _kernels.rotary(q, k, cos, sin)
+    if (kernels := _kernel("rotary")) is not None:
+        return kernels.rotary(q, k, cos, sin)
     return rotary_ref(q, k, cos, sin)
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True
 ) -> torch.Tensor:
-    if _kernels is not None:
-        return _kernels.attention(q, k, v, causal=causal, deterministic=_deterministic_attention)
+    if (kernels := _kernel("attention")) is not None:
+        return kernels.attention(q, k, v, causal=causal, deterministic=_deterministic_attention)
     # SDPA picks flash/memory-efficient kernels where it can and repeats no k/v (enable_gqa).
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -174,8 +190,8 @@ def attention(
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
-    if _kernels is not None:
-        return _kernels.cross_entropy(logits, targets, ignore_index=ignore_index)
+    if (kernels := _kernel("cross_entropy")) is not None:
+        return kernels.cross_entropy(logits, targets, ignore_index=ignore_index)
     return cross_entropy_ref(logits, targets, ignore_index)
 
 
@@ -183,6 +199,6 @@ def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
     """Mean cross-entropy of hidden @ weight.T at targets; fused (no full logits) with kernels."""
-    if _kernels is not None:
-        return _kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
+    if (kernels := _kernel("linear_cross_entropy")) is not None:
+        return kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
     return linear_cross_entropy_ref(hidden, weight, targets, ignore_index)

@@ -29,7 +29,13 @@ rank's.
 Step time is modelled (step_model): compute at --mfu of the bf16 peak on the FLOPs the GPUs
 execute, recomputation included, so MFU (model FLOPs over time) falls with recomputation; the
 pipeline's bubble (bubble_fraction) and the traffic between its stages; FSDP's and tensor
-parallelism's collectives. Layouts that tie are ranked by memory.
+parallelism's collectives. Layouts that tie are ranked by memory. With
+--train.float8=tensorwise|rowwise the converted block linears' FLOPs run at --mfu of the device's
+fp8 peak and the rest (attention, output projection) at --mfu of bf16's, and tensorwise
+all-gathers those linears' weights in float8 (one byte each); a device without float8 tensor cores
+(A100) is refused. The dry run measures memory without the float8 conversion: torchao keeps the
+high-precision inputs for backward, so activations are about bf16's, and the float8 all-gather
+only makes the gathered weights smaller.
 
 With --parallel.* overrides it reports that layout; without, it searches pp in 1, 2, 4, 8, 16 (with
 1F1B, interleaved 1F1B with 2 or 4 stages per rank and the interleaved zero bubble), tp in 1, 2,
@@ -50,13 +56,21 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from llamatrain.config import Config, load_config, run_cli, validate
+from llamatrain.distributed.float8 import check_device
 from llamatrain.distributed.parallel_dims import (
     ParallelDims,
     batch_geometry,
     stage_blocks,
     stage_ids,
 )
-from llamatrain.flops import block_flops_per_token, block_params, flops_per_token, num_params
+from llamatrain.flops import (
+    block_flops_per_token,
+    block_params,
+    float8_flops_per_token,
+    float8_params,
+    flops_per_token,
+    num_params,
+)
 from llamatrain.hardware import BY_KEY, GPU, gpu, peak_flops
 
 GIB = 2**30
@@ -89,6 +103,7 @@ class Fabric:
 FABRICS = {"ib": Fabric("InfiniBand", 0.92, 5.0), "roce": Fabric("RoCE", 0.85, 8.0)}
 NVLINK_HOP_US = 1.0
 PARAM_BYTES = 2  # bf16 all-gather (FSDP2 MixedPrecisionPolicy param_dtype)
+FLOAT8_BYTES = 1  # tensorwise float8's all-gather of the converted linears' weights
 GRAD_BYTES = 4  # fp32 reduce-scatter / all-reduce (reduce_dtype)
 ACT_BYTES = 2  # bf16 activations in the tensor-parallel collectives
 
@@ -193,9 +208,8 @@ def check_layout(cfg: Config, num_gpus: int, gpus_per_node: int) -> tuple[Layout
     check_cluster(num_gpus, gpus_per_node)
     validate(cfg)
     p = cfg.parallel
-    dims = ParallelDims.from_config(p, num_gpus, min(gpus_per_node, num_gpus))
-    _, accum = dims.batch_geometry(cfg.train)
-    dims.pipeline_micro_batches(p, n_layers=cfg.model.n_layers, accum=accum)
+    run = ParallelDims.for_run(cfg, num_gpus, min(gpus_per_node, num_gpus))
+    dims, accum = run.dims, run.accum
     pipeline = ((p.pp_schedule, p.pp_stages_per_rank, p.pp_microbatches) if dims.pp > 1
                 else ("1f1b", 1, 0))  # without a pipeline its settings are moot
     layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, p.activation_checkpointing,
@@ -586,9 +600,8 @@ def pipeline_dry_run(cfg: Config, num_gpus: int, gpus_per_node: int, *,
     stage modules (exact) or an even share (the search), stage steps from `profile` (measured
     for this layout when None; may be of another micro-batch size). Must run inside
     fake_world(num_gpus)."""
-    layout, accum = check_layout(cfg, num_gpus, gpus_per_node)
-    dims = ParallelDims.from_config(cfg.parallel, num_gpus, min(gpus_per_node, num_gpus))
-    m = dims.pipeline_micro_batches(cfg.parallel, n_layers=cfg.model.n_layers, accum=accum)
+    layout, _ = check_layout(cfg, num_gpus, gpus_per_node)
+    m = ParallelDims.for_run(cfg, num_gpus, min(gpus_per_node, num_gpus)).pp_micro_batches
     profile = profile or StageProfile(cfg, num_gpus, gpus_per_node)
     out, shards = [], {}
     for r in range(layout.pp):
@@ -626,6 +639,31 @@ class Collective:
     seconds: float  # per step, bandwidth and latency
 
 
+def peak_seconds_per_token(cfg: Config, device: GPU, *, tp: int) -> float:
+    """Seconds one GPU needs for one token's training FLOPs at its peaks: all of flops.py's count
+    at bf16's, or under train.float8 the converted linears' at fp8's and the rest at bf16's (a
+    device without float8 tensor cores is refused). Divided by an MFU, the compute time."""
+    m, seq, bf16 = cfg.model, cfg.train.seq_len, peak_flops(device.name, "bf16")
+    if cfg.train.float8 == "none":
+        return flops_per_token(m, seq) / bf16
+    check_device(cfg.train.float8, arch=device.arch, device_name=device.name)
+    converted, rest = float8_flops_per_token(m, seq, tp=tp)
+    return converted / peak_flops(device.name, "fp8") + rest / bf16
+
+
+def gathered_bytes(cfg: Config, *, tp: int, params: int | None = None,
+                   blocks: int | None = None) -> float:
+    """Bytes of one tp-slice of `params` parameters holding `blocks` blocks (by default the whole
+    model's; a pipeline rank's stages') as FSDP all-gathers them: bf16, but the converted
+    linears' weights in float8 under train.float8 = tensorwise."""
+    m = cfg.model
+    n = num_params(m) if params is None else params
+    blocks = m.n_layers if blocks is None else blocks
+    fp8 = (float8_params(m, tp=tp) // m.n_layers * blocks if cfg.train.float8 == "tensorwise"
+           else 0)
+    return ((n - fp8) * PARAM_BYTES + fp8 * FLOAT8_BYTES) / tp
+
+
 def _link(group: int, stride: int, gpus_per_node: int, fabric: Fabric) -> str:
     return "NVLink" if group * stride <= gpus_per_node else fabric.name
 
@@ -643,27 +681,35 @@ def recomputed_blocks(activation_checkpointing: str, blocks: range) -> int:
 def compute_seconds(cfg: Config, layout: Layout, *, num_gpus: int, device: GPU, mfu: float
                     ) -> tuple[float, float, float]:
     """(model, recompute, ideal) seconds of one step's compute on the busiest GPU at mfu of the
-    device's bf16 peak (mfu: the share of peak the GPU sustains on the FLOPs it executes).
+    device's peaks (mfu: the share of peak the GPU sustains on the FLOPs it executes): bf16's,
+    and under train.float8 fp8's for the converted block linears (peak_seconds_per_token).
 
     model: flops.py's FLOPs (6N + attention, forward and backward) of that GPU's tokens through
     its blocks, the output projection on the last stage; recompute: the forward of every block
     activation checkpointing repeats (a block's forward is a third of its forward and backward);
-    ideal: the model FLOPs of an even share, step FLOPs / num_gpus. MFU is model FLOPs over time,
-    so recomputation lowers it."""
-    m = cfg.model
-    peak = peak_flops(device.name, "bf16") * mfu
+    ideal: an even share of the step's model FLOPs, tokens / num_gpus. MFU is model FLOPs over
+    time, so recomputation lowers it. The float8 engineer's compute term lives here alone."""
+    m, seq = cfg.model, cfg.train.seq_len
+    bf16 = peak_flops(device.name, "bf16") * mfu
+    block = block_flops_per_token(m, seq)
+    block_s = block / bf16  # seconds of one token through one block, forward and backward
+    if cfg.train.float8 != "none":
+        check_device(cfg.train.float8, arch=device.arch, device_name=device.name)
+        converted = float8_flops_per_token(m, seq, tp=layout.tp)[0] / m.n_layers
+        block_s = converted / (peak_flops(device.name, "fp8") * mfu) + (block - converted) / bf16
+    output_s = 6.0 * (m.vocab_size * m.dim + m.dim) / bf16  # the output projection and norm
     # Tokens through each pipeline per step, split over its tensor-parallel group.
     tokens = cfg.train.global_batch_tokens / (num_gpus // layout.pp)
-    block = block_flops_per_token(m, cfg.train.seq_len)
     busiest = (0.0, 0.0)
     for r in range(layout.pp):
         model = recompute = 0.0
         for blocks, _, last in rank_stages(cfg, layout, r):
-            model += len(blocks) * block + last * 6.0 * (m.vocab_size * m.dim + m.dim)
-            recompute += recomputed_blocks(layout.activation_checkpointing, blocks) * block / 3
+            model += len(blocks) * block_s + last * output_s
+            recompute += recomputed_blocks(layout.activation_checkpointing, blocks) * block_s / 3
         busiest = max(busiest, (model, recompute), key=sum)
-    ideal = cfg.train.global_batch_tokens / num_gpus * flops_per_token(m, cfg.train.seq_len)
-    return busiest[0] * tokens / peak, busiest[1] * tokens / peak, ideal / peak
+    ideal = (cfg.train.global_batch_tokens / num_gpus
+             * peak_seconds_per_token(cfg, device, tp=layout.tp) / mfu)
+    return busiest[0] * tokens, busiest[1] * tokens, ideal
 
 
 def bubble_fraction(layout: Layout, micro_batches: int) -> float:
@@ -694,22 +740,23 @@ def step_model(
 ) -> dict[str, Any]:
     """One optimizer step of a layout: its collectives, compute time and step time.
 
-    Compute: compute_seconds, the busiest GPU's model FLOPs and recomputation. Pipeline: the
-    bubble of bubble_fraction on top of compute, and the activations (forward) and their
-    gradients (backward) sent between neighbouring stages, each a tp-slice of a micro-batch's
-    residual stream, over NVLink when neighbours share a node, else over the fabric (each GPU
-    its share of the node's NICs); the first micro-batch's way down the pipeline and the last
-    one's way back are on the critical path, the rest overlaps with compute. FSDP, per step:
-    every GPU all-gathers its tp-slice of its stages' parameters twice (forward, backward;
-    once under pipelining, which keeps them gathered for the step) and reduce-scatters the
-    gradients within its dp_shard group; with replicas (HSDP) it all-reduces its gradient shard
-    across them. A ring inside one node runs over NVLink; a ring across nodes moves, per node,
-    what its GPUs send, spread over the node's NICs (tp rings per node share them); replica
-    all-reduces go over NCCL's tree. They overlap with compute through prefetching, except the
-    first unit's all-gather and the last unit's reductions. Tensor parallelism, per block and
-    micro-batch: forward all-gathers the sequence before attention and the FFN and
-    reduce-scatters after them, backward the reverse, and full activation checkpointing repeats
-    the forward's; over NVLink, on the critical path.
+    Compute: compute_seconds, the busiest GPU's model FLOPs and recomputation (bf16's peak, and
+    fp8's for the converted linears under train.float8). Pipeline: the bubble of bubble_fraction
+    on top of compute, and the activations (forward) and their gradients (backward) sent between
+    neighbouring stages, each a tp-slice of a micro-batch's residual stream, over NVLink when
+    neighbours share a node, else over the fabric (each GPU its share of the node's NICs); the
+    first micro-batch's way down the pipeline and the last one's way back are on the critical
+    path, the rest overlaps with compute. FSDP, per step: every GPU all-gathers its tp-slice of
+    its stages' parameters (gathered_bytes) twice (forward, backward; once under pipelining,
+    which keeps them gathered for the step) and reduce-scatters the gradients within its
+    dp_shard group; with replicas (HSDP) it all-reduces its gradient shard across them. A ring
+    inside one node runs over NVLink; a ring across nodes moves, per node, what its GPUs send,
+    spread over the node's NICs (tp rings per node share them); replica all-reduces go over
+    NCCL's tree. They overlap with compute through prefetching, except the first unit's
+    all-gather and the last unit's reductions. Tensor parallelism, per block and micro-batch:
+    forward all-gathers the sequence before attention and the FFN and reduce-scatters after
+    them, backward the reverse, and full activation checkpointing repeats the forward's; over
+    NVLink, on the critical path.
     """
     m = cfg.model
     tp, s, r, pp = layout.tp, layout.dp_shard, layout.dp_replicate, layout.pp
@@ -737,7 +784,7 @@ def step_model(
     fsdp = 0.0
     gathers = 2 if pp == 1 else rounds  # all-gathers of each unit per step
     if s > 1:
-        ag_bytes = (s - 1) / s * n_local * PARAM_BYTES
+        ag_bytes = (s - 1) / s * gathered_bytes(cfg, tp=tp, params=rank_params, blocks=blocks)
         rs_bytes = (s - 1) / s * n_local * GRAD_BYTES * (1 if pp == 1 else rounds)
         link = _link(s, tp, gpus_per_node, fabric)
         if link == "NVLink":
@@ -747,8 +794,9 @@ def step_model(
             bps = min(nvl_bps, net_bps / tp)
             lat_ag = (nodes - 1) * net_hop + (s - nodes) * nvl_hop
             node_bytes += tp * (gathers * ag_bytes + rs_bytes)
-        colls += [Collective("FSDP parameters (bf16)", "all-gather", s, link, gathers * units,
-                             gathers * ag_bytes,
+        gathered = "bf16, float8 linears" if cfg.train.float8 == "tensorwise" else "bf16"
+        colls += [Collective(f"FSDP parameters ({gathered})", "all-gather", s, link,
+                             gathers * units, gathers * ag_bytes,
                              gathers * ag_bytes / bps + gathers * units * lat_ag),
                   Collective("FSDP gradients (fp32)", "reduce-scatter", s, link, units,
                              rs_bytes, rs_bytes / bps + units * lat_ag)]
@@ -808,7 +856,10 @@ def step_model(
     return {
         "compute_s": compute, "recompute_s": recompute_s, "bubble": bubble,
         "bubble_s": bubble_s, "p2p_s": p2p_s, "fsdp_comm_s": fsdp_comm, "tp_comm_s": tp_s,
-        "step_s": step, "efficiency": ideal_s / step, "mfu": mfu * ideal_s / step,
+        # MFU against the bf16 peak, as the trainer logs it (float8's compute goes faster).
+        "step_s": step, "efficiency": ideal_s / step,
+        "mfu": cfg.train.global_batch_tokens / num_gpus * flops_per_token(m, cfg.train.seq_len)
+        / (peak_flops(device.name, "bf16") * step),
         "micro_batches": accum, "pp_micro_batches": micro,
         "node_gb_per_step": node_bytes / 1e9,
         "collectives": [asdict(c) for c in colls],
@@ -835,9 +886,15 @@ class Setup:
 def _evaluate(cfg: Config, layout: Layout, setup: Setup, memory: Memory) -> dict[str, Any]:
     device = gpu(setup.device)
     budget = device.memory_gib * GIB * USABLE_FRACTION
-    step = step_model(cfg, layout, num_gpus=setup.num_gpus, gpus_per_node=setup.gpus_per_node,
-                      device=device, mfu=setup.mfu, fabric=FABRICS[setup.fabric],
-                      link_gbps=setup.link_gbps, nics_per_node=setup.nics_per_node)
+    def model(c: Config) -> dict[str, Any]:
+        return step_model(c, layout, num_gpus=setup.num_gpus, gpus_per_node=setup.gpus_per_node,
+                          device=device, mfu=setup.mfu, fabric=FABRICS[setup.fabric],
+                          link_gbps=setup.link_gbps, nics_per_node=setup.nics_per_node)
+
+    step = model(cfg)
+    if cfg.train.float8 != "none":  # what float8 saves: the same layout's step in bf16
+        bf16 = model(replace(cfg, train=replace(cfg.train, float8="none")))
+        step["bf16"] = {"step_s": bf16["step_s"], "compute_s": bf16["compute_s"]}
     return {"layout": asdict(layout), "overrides": layout.overrides(),
             "memory": {**asdict(memory), "total": memory.total}, "budget": budget,
             "fits": memory.total <= budget, **step}
@@ -853,6 +910,7 @@ def plan(cfg: Config, setup: Setup, *, search: bool, top: int = 10) -> dict[str,
     if not 0 < setup.mfu <= 1:
         raise ValueError(f"mfu = {setup.mfu!r}: expected a fraction in (0, 1]")
     device = gpu(setup.device)
+    check_device(cfg.train.float8, arch=device.arch, device_name=device.name)
     g, gpn = setup.num_gpus, setup.gpus_per_node
     requested, refusal, own_refusal = None, None, None
     try:
@@ -932,6 +990,7 @@ def plan(cfg: Config, setup: Setup, *, search: bool, top: int = 10) -> dict[str,
            "device": device.name, "memory_gib": device.memory_gib, "mfu": setup.mfu,
            "fabric": FABRICS[setup.fabric].name, "link_gbps": setup.link_gbps,
            "seq_len": cfg.train.seq_len, "global_batch_tokens": cfg.train.global_batch_tokens,
+           "float8": cfg.train.float8,
            "searched": search or refusal is not None, "candidates": len(candidates),
            "layouts": results, "fitting": fitting,
            "best": fitting[0] if fitting else None, "refusal": refusal,
@@ -946,12 +1005,19 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
+def _float8_note(r: dict[str, Any]) -> str:
+    if r["float8"] == "none":
+        return ""
+    return (f" (float8 {r['float8']}: the block linears at {r['mfu']:.0%} of the fp8 peak, the "
+            "rest of bf16's)")
+
+
 def format_result(r: dict[str, Any], *, top: int = 10) -> str:
     lines = [f"{r['params'] / 1e9:.2f}B parameters, sequence {r['seq_len']}, global batch "
              f"{r['global_batch_tokens']:,} tokens, on {r['gpus']:,} x {r['device']} "
              f"({r['gpus_per_node']} per node, {r['memory_gib']:g} GiB, plan up to "
              f"{USABLE_FRACTION:.0%}); step time at {r['mfu']:.0%} of peak on the FLOPs "
-             f"computed, {r['fabric']} {r['link_gbps']:g} Gbps per NIC"]
+             f"computed{_float8_note(r)}, {r['fabric']} {r['link_gbps']:g} Gbps per NIC"]
     header = (f"{'pp':>3} {'schedule':<19} {'tp':>3} {'shard':>6} {'repl':>5} {'AC':>9} "
               f"{'mbs':>3} {'accum':>5} {'params':>7} {'grads':>6} {'optim':>6} {'gather':>7} "
               f"{'activ':>6} {'total':>6} {'step s':>7} {'bubble':>6} {'MFU':>6}")
@@ -997,6 +1063,12 @@ def format_result(r: dict[str, Any], *, top: int = 10) -> str:
                      f"+ pipeline transfers {chosen['p2p_s']:.2f} s + FSDP not hidden behind "
                      f"compute {exposed:.2f} s (of {chosen['fsdp_comm_s']:.2f} s); MFU "
                      f"{chosen['mfu']:.1%}")
+        if "bf16" in chosen:
+            bf16 = chosen["bf16"]
+            lines.append(f"  float8 {r['float8']}: step {chosen['step_s']:.2f} s (compute "
+                         f"{chosen['compute_s']:.2f} s) against {bf16['step_s']:.2f} s (compute "
+                         f"{bf16['compute_s']:.2f} s) in bf16: "
+                         f"{bf16['step_s'] / chosen['step_s'] - 1:+.0%} steps per hour")
         lines.append(f"  use: {chosen['overrides']}")
     return "\n".join(lines)
 

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llamatrain import ops
 from llamatrain.carbon import EnergyMeter, account, format_accounting
 from llamatrain.checkpoint.dcp import Checkpointer, load_model_weights
 from llamatrain.checkpoint.identity import new_run_id, run_identity
@@ -58,11 +57,13 @@ from llamatrain.config import (
 from llamatrain.data.cache import prepare_sources, read_meta
 from llamatrain.data.datasets import open_training_data
 from llamatrain.data.loader import BatchLoader
+from llamatrain.distributed.float8 import Float8
 from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
 from llamatrain.distributed.pipeline import Pipeline
 from llamatrain.distributed.world import World, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
+from llamatrain.kernels_choice import choose_kernels
 from llamatrain.loss import IGNORE_INDEX, loss_context, micro_batch_loss
 from llamatrain.metrics import (
     MetricsLogger,
@@ -190,6 +191,14 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def use_deterministic_algorithms() -> None:
+    """torch's deterministic algorithms. On CUDA they need cuBLAS with a fixed workspace, which
+    CUBLAS_WORKSPACE_CONFIG sets when cuBLAS starts (torch refuses the first matmul without it);
+    a value the user set is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def attention_backward(cfg: Config) -> str:
     """The attention backward a run uses: the deterministic one whenever train.deterministic asks
     for bit-identical reruns, else kernels.attention_backward."""
@@ -204,21 +213,25 @@ class Trainer:
             _fused_adam()
         self.cfg, self.world = cfg, world
         self.device = world.device
+        self.float8 = Float8.for_run(cfg.train.float8, self.device)  # missing torchao: one line
         self.run_dir = Path(cfg.run.dir)
         self.files = RunDir(self.run_dir)
         self.stop = stop or StopFlag()
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
-        self.dims = ParallelDims.from_config(cfg.parallel, world.world_size,
-                                             world.local_world_size)
+        run = ParallelDims.for_run(cfg, world.world_size, world.local_world_size)
+        self.dims = run.dims
         # The ranks of one tensor-parallel group, and of one pipeline, read the same samples.
         self.tp, self.dp_size = self.dims.tp, self.dims.dp_size
         self.dp_rank = self.dims.coordinates(world.rank).dp_rank
-        self.global_batch, self.accum = self.dims.batch_geometry(cfg.train)
-        self.pp_micro_batches = self.dims.pipeline_micro_batches(
-            cfg.parallel, n_layers=cfg.model.n_layers, accum=self.accum)
-        self.backend = ops.set_backend(cfg.kernels.backend, self.device.type,
-                                       attention_backward(cfg))  # fmt: skip
+        self.global_batch, self.accum = run.global_batch, run.accum
+        self.pp_micro_batches = run.pp_micro_batches
+        # Each op's kernel or PyTorch path, on this run's shapes (kernels.backend = auto: timed).
+        self.kernel_choice = choose_kernels(cfg, tp=self.dims.tp, device=self.device,
+                                            dtype=self.dtype,
+                                            attention_backward=attention_backward(cfg))
+        self.backend = self.kernel_choice.resolved
+        self.log(self.kernel_choice.summary())
         self.faults = Faults.from_env()
         self.staging_wait_s = 0.0  # time the loop waited for async checkpoint staging
         self.loader: BatchLoader | None = None  # started at the first step, after a restore
@@ -258,7 +271,7 @@ class Trainer:
     def _setup(self, cfg: Config, world: World) -> None:
         torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+            use_deterministic_algorithms()
 
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         self.log(f"world {world.world_size} on {world.num_nodes} node(s), {self.device_name}, "
@@ -325,11 +338,15 @@ class Trainer:
         if self.dims.pp > 1:
             self.pipeline = Pipeline(cfg, model, self.dims, self.mesh, self.device,
                                      rank=world.rank, micro_batches=self.pp_micro_batches,
-                                     param_dtype=self.dtype, fused=self._fused)
+                                     param_dtype=self.dtype, fused=self._fused,
+                                     float8=self.float8)
             self.model = self.pipeline.model
         else:
-            self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype)
+            self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype,
+                                     float8=self.float8)
             materialize(self.model, self.device, seed=cfg.train.seed)
+        if self.float8 is not None:
+            self.log(self.float8.describe(compiled=cfg.parallel.compile))
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         mesh = (f"mesh {dict(zip(self.mesh.mesh_dim_names, self.mesh.shape, strict=True))}"
                 if self.mesh else "unsharded")
@@ -347,7 +364,7 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "sampler": self.sampler.state_dict(), "schedule": {"step": self.step},
                 "bad_steps": self.bad_steps, "wall_s": self.wall_s,
-                "energy_kwh": self._energy_so_far()}
+                "energy_kwh": self._energy_so_far(), "float8": self.cfg.train.float8}
 
     def save(self) -> None:
         if self.bad_steps:
@@ -384,6 +401,10 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {restored.path} (step {self.step}, saved at world size "
                  f"{state['saved_world_size']})")
+        # Not part of the run's identity: the weights are the same tensors either way.
+        if state.get("float8", "none") != self.cfg.train.float8:
+            self.log(f"train.float8 {state.get('float8', 'none')!r} -> "
+                     f"{self.cfg.train.float8!r} from this step on")
 
     # ------------------------------------------------------------------------------------------
 
@@ -499,6 +520,8 @@ class Trainer:
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 self.staging_wait_s += self.checkpointer.before_update()
                 self.optimizer.step()
+                if self.float8 is not None:
+                    self.float8.after_optimizer_step(self.model)
                 self.bad_steps = 0
                 if not self.state_bytes:
                     self.state_bytes = self._state_bytes()
@@ -530,7 +553,8 @@ class Trainer:
             if self.benchmarks and self.benchmarks.due(self.step,
                                                        final=self.step == cfg.train.steps):
                 self._log_benchmarks()
-            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+            if cfg.checkpoint.interval and (self.step % cfg.checkpoint.interval == 0
+                                            or self.step == cfg.train.steps):
                 self.save()
         self._close_loader()
         if cfg.train.eval_interval == 0 or self.step % cfg.train.eval_interval:
@@ -626,7 +650,8 @@ class Trainer:
         per_device = tokens_per_s / world.world_size
         report = {
             "run": cfg.run.name, "world_size": world.world_size, "num_nodes": world.num_nodes,
-            "device": self.device_name, "kernels": self.backend, "params": self.num_params,
+            "device": self.device_name, "kernels": self.backend,
+            "kernel_choice": self.kernel_choice.as_dict(), "params": self.num_params,
             "steps": self.step, "tokens": self.tokens_seen, "wall_s": self.wall_s,
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
             "mfu": model_flops_utilisation(per_device, cfg.model, cfg.train.seq_len,

@@ -65,6 +65,8 @@ OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # Files each rank writes in parallel: one writer thread leaves fast disks half idle while it
 # serialises (benchmarks/checkpoint.py: about 55% of raw write speed with 1, 80-95% with 4).
 WRITE_THREADS = 4
+# Whether one DefaultStager can stage several saves (see Checkpointer._stager_for_save).
+STAGER_REUSABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 # A world of one saves and loads without a process group, which is what DCP warns about.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or")
 
@@ -132,14 +134,7 @@ class Checkpointer:
         self.identity = identity
         self._pending: _Pending | None = None
         self._staging: Future | None = None
-        self._stager: DefaultStager | None = None
-        if cfg.async_save:
-            # Copies into staging buffers run in a background thread, overlapping the next step's
-            # forward and backward; only the optimizer update waits for them (before_update).
-            on_gpu = torch.cuda.is_available()
-            self._stager = DefaultStager(StagingOptions(
-                use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=True,
-                use_non_blocking_copy=on_gpu))
+        self._stager: DefaultStager | None = None  # made by the first async save
         # Background saves talk on their own gloo group so they never interleave with the
         # training loop's collectives.
         self._group = (
@@ -147,6 +142,27 @@ class Checkpointer:
         )
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         make_dir(self.dir)
+
+    @staticmethod
+    def _new_stager() -> DefaultStager:
+        # Copies into staging buffers run in a background thread, overlapping the next step's
+        # forward and backward; only the optimizer update waits for them (before_update).
+        on_gpu = torch.cuda.is_available()
+        return DefaultStager(StagingOptions(
+            use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=True,
+            use_non_blocking_copy=on_gpu))
+
+    def _stager_for_save(self) -> DefaultStager:
+        """The stager of the next async save: the same one, which keeps its pinned buffers, where
+        torch lets a stager stage twice; a new one per save before torch 2.13, whose stager
+        empties its copy table after its first save (the second then fails with
+        `KeyError: <class 'type'>`)."""
+        if self._stager is not None and not STAGER_REUSABLE:
+            self._stager.close()  # its save has been staged: save() waited for it
+            self._stager = None
+        if self._stager is None:
+            self._stager = self._new_stager()
+        return self._stager
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -178,10 +194,10 @@ class Checkpointer:
         pending = _Pending(tmp, final, safe_dcp.ChecksummingWriter(tmp, thread_count=WRITE_THREADS),
                            state)
         app_state = self._app_state(model, optimizer)
-        if self._stager is not None:
+        if self.cfg.async_save:
             response = dcp.async_save(app_state, storage_writer=pending.writer,
                                       process_group=self._group,
-                                      async_stager=self._stager,
+                                      async_stager=self._stager_for_save(),
                                       no_dist=not dist.is_initialized())
             self._staging = response.staging_completion
             pending.upload = response.upload_completion

@@ -19,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import zstandard
+try:
+    import zstandard
+except ImportError:  # optional: only .zst inputs need it, and collect_files says so for them
+    zstandard = None
 
 STDLIB = "python-stdlib"
 
+
+# What a file that cannot be read raises while it is read (it becomes an error item).
+READ_ERRORS = (OSError, EOFError, zlib.error) + ((zstandard.ZstdError,) if zstandard else ())
 
 # Work handed to a worker at a time: large enough to amortise pickling, small enough to balance.
 TASK_BYTES = 1 << 18
@@ -96,6 +102,11 @@ def collect_files(inputs: Sequence[str], *, key: str = "--input") -> list[Path]:
             raise ValueError(f"{key}={inp!r} does not exist; allowed: files, directories, {STDLIB}")
     if not files:
         raise ValueError(f"{key}={' '.join(inputs)!r} holds no input files")
+    zst = [f for f in files if f.name.endswith(".zst")]
+    if zst and zstandard is None:
+        raise ValueError(f"{key}={' '.join(inputs)!r}: {len(zst)} .zst file(s), e.g. "
+                         f"{str(zst[0])!r}, and the zstandard package is not installed "
+                         "(pip install zstandard)")
     return files
 
 
@@ -205,7 +216,7 @@ def read_items(path: Path, file_index: int, *, fields: tuple[str, ...] = ("text"
             pending = Item(file_index, b"")
         pending.last = True
         yield pending
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+    except READ_ERRORS as e:
         yield Item(file_index, b"", last=True, error=f"cannot read: {e}")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llamatrain.config import ParallelConfig, TrainConfig
+from llamatrain.config import Config, ParallelConfig, TrainConfig
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -34,6 +34,16 @@ class Coordinates:
     dp_shard: int
     tp: int
     dp_rank: int  # among the dp_replicate x dp_shard data-parallel ranks
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """What a run of a config on a world size is laid out as (ParallelDims.for_run)."""
+
+    dims: ParallelDims
+    global_batch: int  # sequences per step
+    accum: int  # micro-batches per data-parallel rank and step
+    pp_micro_batches: int  # micro-batches per run of the pipeline schedule (accum without one)
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,19 @@ class ParallelDims:
                 f"parallel.dp_replicate x parallel.dp_shard = {cfg.dp_replicate} x "
                 f"{cfg.dp_shard}: must multiply to {size}")
         return cls(pp, replicate, shard, tp)
+
+    @classmethod
+    def for_run(cls, cfg: Config, world_size: int, gpus_per_node: int | None = None
+                ) -> RunLayout:
+        """The one rule of whether cfg's layout runs on world_size ranks, which the trainer,
+        `plan` and `carbon project` all call: the degrees (from_config), the batch geometry
+        over the data-parallel ranks and the pipeline's micro-batches, or the first ValueError
+        among them (one line naming the key, the value and what would work)."""
+        dims = cls.from_config(cfg.parallel, world_size, gpus_per_node)
+        global_batch, accum = dims.batch_geometry(cfg.train)
+        micro = dims.pipeline_micro_batches(cfg.parallel, n_layers=cfg.model.n_layers,
+                                            accum=accum)
+        return RunLayout(dims, global_batch, accum, micro)
 
     @property
     def world_size(self) -> int:

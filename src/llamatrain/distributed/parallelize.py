@@ -1,5 +1,6 @@
-"""Turning a meta-device Transformer into a trainable one on a device mesh (parallel_dims): tensor
-and sequence parallelism -> activation checkpointing -> torch.compile per block -> fully_shard per
+"""Turning a meta-device Transformer into a trainable one on a device mesh (parallel_dims): float8
+conversion of the block linears (distributed.float8, when train.float8 asks) -> tensor and sequence
+parallelism -> activation checkpointing -> torch.compile per block -> fully_shard per
 block -> fully_shard of the root (with mixed precision) -> materialise and initialise shard by
 shard, so that no rank ever holds the whole model.
 
@@ -33,6 +34,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import checkpoint
 
 from llamatrain.config import ParallelConfig
+from llamatrain.distributed.float8 import Float8
 from llamatrain.distributed.parallel_dims import dp_mesh, tp_mesh
 from llamatrain.model import RMSNorm, Transformer, init_rows
 
@@ -43,8 +45,9 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
                         category=UserWarning)
 
 
-def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
-    """Tensor and sequence parallelism over `mesh` (the tp axis), in place."""
+def apply_tp(model: Transformer, mesh: DeviceMesh, float8: Float8 | None = None) -> None:
+    """Tensor and sequence parallelism over `mesh` (the tp axis), in place; with tensorwise
+    float8, torchao's float8 styles for the converted linears."""
     edges = {
         # Each rank looks up its vocabulary rows; the partial sums are reduce-scattered
         # along the sequence.
@@ -60,18 +63,24 @@ def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
     gather = {"input_layouts": (Shard(1), None, None),
               "desired_input_layouts": (Replicate(), None, None), "use_local_output": True}
     for block in model.layers.values():
+        styles = float8.tp_styles(block) if float8 is not None else {}
+
+        def style(name: str, plain: type, styles=styles, **kwargs):
+            return styles.get(name, plain)(**kwargs)  # float8's from the same arguments
+
         parallelize_module(block, mesh, {
-            "attention": PrepareModuleInput(**gather),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "feed_forward": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                use_local_output=True),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "attention": style("attention", PrepareModuleInput, **gather),
+            "attention.wq": style("attention.wq", ColwiseParallel),
+            "attention.wk": style("attention.wk", ColwiseParallel),
+            "attention.wv": style("attention.wv", ColwiseParallel),
+            "attention.wo": style("attention.wo", RowwiseParallel, output_layouts=Shard(1)),
+            "feed_forward": style("feed_forward", PrepareModuleInput,
+                                  input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                  use_local_output=True),
+            "feed_forward.w1": style("feed_forward.w1", ColwiseParallel),
+            "feed_forward.w3": style("feed_forward.w3", ColwiseParallel),
+            "feed_forward.w2": style("feed_forward.w2", RowwiseParallel,
+                                     output_layouts=Shard(1)),
         })
     # The RMSNorm gains are replicated over tp and applied to each rank's sequence slice:
     # ops.rms_norm takes their local value with a partial-sum gradient, which FSDP all-reduces.
@@ -93,11 +102,17 @@ def parallelize(
     mesh: DeviceMesh | None,
     *,
     param_dtype: torch.dtype,
+    float8: Float8 | None = None,
 ) -> Transformer:
-    """Apply tensor parallelism, activation checkpointing, compile and FSDP2 in torchtitan's order,
-    in place; to a whole model or to one pipeline stage (distributed.pipeline) alike."""
-    if tp_mesh(mesh) is not None:
-        apply_tp(model, tp_mesh(mesh))
+    """Apply float8 conversion, tensor parallelism, activation checkpointing, compile and FSDP2
+    in torchtitan's order, in place; to a whole model or to one pipeline stage
+    (distributed.pipeline) alike."""
+    tp = tp_mesh(mesh)
+    if float8 is not None:
+        float8.convert(model, tp=tp.size() if tp is not None else 1,
+                       dp_shard=mesh["dp_shard"].size() if mesh is not None else 1)
+    if tp is not None:
+        apply_tp(model, tp, float8)
     for key, block in model.layers.items():
         # Selective checkpointing picks blocks by their index in the whole model, so that a
         # pipeline stage recomputes what the same blocks recompute without pipelining.

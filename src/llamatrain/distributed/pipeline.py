@@ -37,6 +37,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.tensor import DTensor
 
 from llamatrain.config import Config
+from llamatrain.distributed.float8 import Float8
 from llamatrain.distributed.parallel_dims import (
     SINGLE_STAGE_SCHEDULES,
     ParallelDims,
@@ -91,7 +92,7 @@ class Pipeline:
 
     def __init__(self, cfg: Config, model: Transformer, dims: ParallelDims, mesh: DeviceMesh,
                  device: torch.device, *, rank: int, micro_batches: int,
-                 param_dtype: torch.dtype, fused: bool):
+                 param_dtype: torch.dtype, fused: bool, float8: Float8 | None = None):
         p = cfg.parallel
         self.mesh, self.fused, self.dp_size = mesh, fused, dims.dp_size
         self.micro_batches, self.micro_batch_size = micro_batches, cfg.train.micro_batch_size
@@ -99,12 +100,15 @@ class Pipeline:
         num_stages = dims.pp * p.pp_stages_per_rank
         blocks = stage_blocks(cfg.model.n_layers, num_stages)
         ids = stage_ids(dims.coordinates(rank).pp, dims.pp, p.pp_stages_per_rank)
-        parts = []
+        parts, converted = [], []
         for i in ids:
             part = stage_module(model, blocks[i], first=i == 0, last=i == num_stages - 1)
-            parallelize(part, p, mesh, param_dtype=param_dtype)
+            parallelize(part, p, mesh, param_dtype=param_dtype, float8=float8)
+            converted += float8.converted if float8 is not None else []
             materialize(part, device, seed=cfg.train.seed)
             parts.append(part)
+        if float8 is not None:
+            float8.converted = converted  # every stage's, for the log
         self.model = RankModel(parts)
         self.stages = [PipelineStage(part, i, num_stages, device, group=self.group)
                        for part, i in zip(parts, ids, strict=True)]
