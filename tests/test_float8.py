@@ -25,7 +25,12 @@ from llamatrain.config import Config, ModelConfig, TrainConfig, load_config
 from llamatrain.convert import checkpoint_to_state_dict
 from llamatrain.distributed import float8 as f8
 from llamatrain.distributed.parallelize import apply_tp, materialize
-from llamatrain.flops import float8_flops_per_token, float8_params, flops_per_token
+from llamatrain.flops import (
+    block_flops_per_token,
+    float8_flops_per_token,
+    float8_params,
+    flops_per_token,
+)
 from llamatrain.hardware import GPUS, gpu, has_fp8, peak_flops
 from llamatrain.loss import loss_context, sequence_loss
 from llamatrain.model import Transformer
@@ -246,9 +251,14 @@ def test_step_model_runs_the_converted_linears_at_the_fp8_peak():
     bf16, rowwise, tensorwise = step("none"), step("rowwise"), step("tensorwise")
     linear, rest = float8_flops_per_token(cfg.model, 4096, tp=8)
     tokens = cfg.train.global_batch_tokens / 2048
-    assert bf16["compute_s"] == pytest.approx(tokens * (linear + rest) / (0.45 * 989e12))
-    assert rowwise["compute_s"] == pytest.approx(
-        tokens * (linear / 1979e12 + rest / 989e12) / 0.45)
+    # Model FLOPs, and the forward of every block that full checkpointing recomputes (a third
+    # of the blocks' FLOPs), each at the rate of its linears.
+    blocks = cfg.model.n_layers * block_flops_per_token(cfg.model, 4096)
+    for x, fp8 in ((bf16, 989e12), (rowwise, 1979e12)):
+        assert x["compute_s"] - x["recompute_s"] == pytest.approx(
+            tokens * (linear / fp8 + rest / 989e12) / 0.45)
+        assert x["recompute_s"] == pytest.approx(
+            tokens * (linear / fp8 + (blocks - linear) / 989e12) / 3 / 0.45)
     assert tensorwise["compute_s"] == rowwise["compute_s"]
     # Tensorwise all-gathers the converted weights in one byte instead of two.
     ag = {r: next(c for c in x["collectives"] if c["kind"] == "all-gather")["bytes"]
