@@ -101,6 +101,8 @@ def runs(prepared_data, tmp_path_factory):
                                                   "parallel.pp_stages_per_rank": v})
            for s, v in SCHEDULES for fmt in formats}
     two["1f1b-pre"]["env"] = NAN
+    # torchao's float8 (emulated on a CPU) in each stage, as parallelize() applies it.
+    two["float8"] = run("float8", **{"parallel.pp": 2, "train.float8": "tensorwise"})
     resume = {"copy": str(root / "pp2dp2"), "remove": f"checkpoints/step-{STEPS}"}
     four = {"pp2dp2": run("pp2dp2", **FOUR, **{"parallel.pp": 2, "checkpoint.interval": 4}),
             "pp2tp2": run("pp2tp2", **{"parallel.pp": 2, "parallel.tp": 2}),
@@ -109,6 +111,7 @@ def runs(prepared_data, tmp_path_factory):
             "resume-pp4": {**run("resume-pp4", **FOUR, **{"parallel.pp": 4}), **resume}}
     one = {"one-pre": run("one-pre"), "one-sft": run("one-sft", "sft"),
            "one-nan": {**run("one-nan"), "env": NAN},
+           "one-float8": run("one-float8", **{"train.float8": "tensorwise"}),
            "resume-pp1": {**run("resume-pp1"), **resume}}
     out = {"root": root, "stdout": {}}
     out["stdout"][2] = launch(two, 2, root)
@@ -125,6 +128,13 @@ def test_every_schedule_gives_the_losses_of_one_process(runs, schedule, fmt):
     assert_same_run(root / f"{schedule}-{fmt}", want)
     first = records(want)
     assert first[STEPS]["loss"] < first[1]["loss"]
+
+
+def test_float8_stages_give_the_losses_of_one_float8_process(runs):
+    root = runs["root"]
+    assert_same_run(root / "float8", root / "one-float8")
+    # Converted: not the losses of the unconverted run.
+    assert records(root / "float8")[STEPS]["loss"] != records(root / "one-pre")[STEPS]["loss"]
 
 
 def test_a_non_finite_step_is_skipped_as_without_a_pipeline(runs):

@@ -510,10 +510,6 @@ class StageProfile:
     adds, a first and a last stage of 4p blocks what the embedding and the output projection and
     loss add; a stage of at most 5p blocks is measured as it is. Must run inside fake_world."""
 
-    # The first stage step in a process allocates more than any later one (caches warming up,
-    # about a fifth more for the 70B): one is run first, not counted.
-    warmed = False
-
     def __init__(self, cfg: Config, num_gpus: int, gpus_per_node: int):
         self.cfg, self.num_gpus, self.gpus_per_node = cfg, num_gpus, gpus_per_node
         self.period = 2 if cfg.parallel.activation_checkpointing == "selective" else 1
@@ -532,9 +528,11 @@ class StageProfile:
             with FakeTensorMode(allow_non_fake_inputs=True):
                 stage.to_empty(device="cpu")
                 stage.init_rope()
-                if not StageProfile.warmed:
+                # The first stage step on a new mesh allocates more than any later one (its
+                # caches warming up): a step first, not counted, else the 4p-block step of a
+                # later profile reads high and the blocks extended from it low.
+                if not self._steps:
                     track_stage_step(stage, mesh, self.cfg, first=first, last=last)
-                    StageProfile.warmed = True
                 peak, saved, held = track_stage_step(stage, mesh, self.cfg, first=first,
                                                      last=last)
             gathered, activations = _split(peak)
