@@ -1,7 +1,6 @@
 """The benchmark harness on a CPU: `benchmarks/run.py` end to end with stand-in sub-benchmarks,
 and the kernel and limit benchmarks' accounting at tiny shapes."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,23 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_test_bench_{name}", ROOT / "benchmarks" /
-                                                  f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kernels = load("kernels")
-limits = load("limits")
-run = load("run")
-plots = load("plots")
+kernels = load_benchmark("kernels")
+limits = load_benchmark("limits")
+run = load_benchmark("run")
+plots = load_benchmark("plots")
 
 CPU = torch.device("cpu")
 TINY = kernels.Shape("tiny", dim=32, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=64,

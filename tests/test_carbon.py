@@ -177,8 +177,10 @@ def test_tensor_parallel_70b_at_2048_gpus_pays_for_nvlink_traffic_then_falls_off
     rows = scaling(capsys, "70b", "--parallel.tp=8")
     at_2048 = rows[2048]
     assert (at_2048["tp"], at_2048["dp_shard"]) == (8, 256)
-    # Sequence-parallel all-gathers and reduce-scatters on NVLink cost about 14% of compute.
-    assert 0.80 < at_2048["roce_efficiency"] <= at_2048["ib_efficiency"] < 0.90
+    # Sequence-parallel all-gathers and reduce-scatters on NVLink cost about 14% of compute, and
+    # the config's full activation checkpointing a forward of every block (a third more block
+    # FLOPs): 0.86 / 1.33 = 0.67 of the model FLOPs' time.
+    assert 0.62 < at_2048["roce_efficiency"] <= at_2048["ib_efficiency"] < 0.70
     assert at_2048["ib_efficiency"] - at_2048["roce_efficiency"] < 0.01
     assert all(r["roce_efficiency"] <= r["ib_efficiency"] for r in rows.values())
     # At a fixed 4M-token batch, 8,192 GPUs leave too little compute to hide the traffic.

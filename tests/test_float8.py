@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REPO, losses
+from conftest import REPO, load_benchmark, losses
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
 
@@ -25,7 +25,12 @@ from llamatrain.config import Config, ModelConfig, TrainConfig, load_config
 from llamatrain.convert import checkpoint_to_state_dict
 from llamatrain.distributed import float8 as f8
 from llamatrain.distributed.parallelize import apply_tp, materialize
-from llamatrain.flops import float8_flops_per_token, float8_params, flops_per_token
+from llamatrain.flops import (
+    block_flops_per_token,
+    float8_flops_per_token,
+    float8_params,
+    flops_per_token,
+)
 from llamatrain.hardware import GPUS, gpu, has_fp8, peak_flops
 from llamatrain.loss import loss_context, sequence_loss
 from llamatrain.model import Transformer
@@ -92,7 +97,7 @@ def test_tensorwise_on_cuda_takes_torchaos_float8_tp_styles_where_every_reader_c
     cuda = f8.Float8("tensorwise", emulate=False)
     cuda.convert(model, tp=2, dp_shard=4)
     assert cuda.fsdp_float8_all_gather
-    styles = cuda.tp_styles(model.layers[0])
+    styles = cuda.tp_styles(model.layers["0"])
     assert {k: v for k, v in styles.items() if k != "attention"} == {
         "attention.wq": Float8ColwiseParallel, "attention.wk": Float8ColwiseParallel,
         "attention.wv": Float8ColwiseParallel, "attention.wo": Float8RowwiseParallel}
@@ -101,10 +106,10 @@ def test_tensorwise_on_cuda_takes_torchaos_float8_tp_styles_where_every_reader_c
     assert isinstance(prepare, PrepareFloat8ModuleInput)
     assert not prepare.use_local_output  # a DTensor into the float8 linears, as torchtitan
     # Gloo has no float8 dtype, and rowwise gathers in bf16: the plain styles.
-    assert f8.Float8("tensorwise", emulate=True).tp_styles(model.layers[0]) == {}
+    assert f8.Float8("tensorwise", emulate=True).tp_styles(model.layers["0"]) == {}
     rowwise = f8.Float8("rowwise", emulate=False)
     rowwise.convert(model, tp=2, dp_shard=4)
-    assert not rowwise.fsdp_float8_all_gather and rowwise.tp_styles(model.layers[0]) == {}
+    assert not rowwise.fsdp_float8_all_gather and rowwise.tp_styles(model.layers["0"]) == {}
 
 
 def test_the_float8_tp_styles_carry_a_forward_and_backward_through_the_blocks():
@@ -118,13 +123,13 @@ def test_the_float8_tp_styles_carry_a_forward_and_backward_through_the_blocks():
         float8 = f8.Float8("tensorwise", emulate=True)
         float8.convert(model, tp=2, dp_shard=1)
         float8.emulate = False  # the styles of a CUDA run, on emulated matmuls
-        assert len(float8.tp_styles(model.layers[0])) == 9
+        assert len(float8.tp_styles(model.layers["0"])) == 9
         apply_tp(model, mesh, float8)
         materialize(model, torch.device("cpu"), seed=0)
         tokens = torch.randint(0, ALIGNED.vocab_size, (2, 64))
         with loss_context(mesh):
             sequence_loss(model(tokens), tokens).backward()
-    wq = model.layers[0].attention.wq
+    wq = model.layers["0"].attention.wq
     assert isinstance(wq, Float8Linear) and wq.weight.grad.to_local().shape == (64, 128)
 
 
@@ -246,9 +251,14 @@ def test_step_model_runs_the_converted_linears_at_the_fp8_peak():
     bf16, rowwise, tensorwise = step("none"), step("rowwise"), step("tensorwise")
     linear, rest = float8_flops_per_token(cfg.model, 4096, tp=8)
     tokens = cfg.train.global_batch_tokens / 2048
-    assert bf16["compute_s"] == pytest.approx(tokens * (linear + rest) / (0.45 * 989e12))
-    assert rowwise["compute_s"] == pytest.approx(
-        tokens * (linear / 1979e12 + rest / 989e12) / 0.45)
+    # Model FLOPs, and the forward of every block that full checkpointing recomputes (a third
+    # of the blocks' FLOPs), each at the rate of its linears.
+    blocks = cfg.model.n_layers * block_flops_per_token(cfg.model, 4096)
+    for x, fp8 in ((bf16, 989e12), (rowwise, 1979e12)):
+        assert x["compute_s"] - x["recompute_s"] == pytest.approx(
+            tokens * (linear / fp8 + rest / 989e12) / 0.45)
+        assert x["recompute_s"] == pytest.approx(
+            tokens * (linear / fp8 + (blocks - linear) / 989e12) / 3 / 0.45)
     assert tensorwise["compute_s"] == rowwise["compute_s"]
     # Tensorwise all-gathers the converted weights in one byte instead of two.
     ag = {r: next(c for c in x["collectives"] if c["kind"] == "all-gather")["bytes"]
@@ -340,17 +350,8 @@ def test_float8_without_torchao_is_one_line_from_the_trainer(tmp_path):
 # make bench's float8 row
 
 
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"_test_float8_{name}",
-                                                  REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_bench_float8_row_is_skipped_on_a_cpu_with_its_reason_and_renders_on_a_gpu():
-    train, run = _bench("train"), _bench("run")
+    train, run = load_benchmark("train"), load_benchmark("run")
     skipped = train.float8_rows("configs/tiny.toml", [], 4)
     assert skipped == {"skipped": "no GPU (on a CPU float8 is emulated: numerics, not speed)"}
     assert run.float8_markdown(skipped) == [

@@ -5,17 +5,16 @@ checked with stand-ins for python3; the pieces of the sections are checked on da
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -23,15 +22,6 @@ SECTIONS = ["preflight", "injected_failure", "injected_overrun", "limits", "corr
             "kernels", "loss_memory", "train_triton", "train_torch"]
 OPS = ["rms_norm", "add_rms_norm", "swiglu", "rotary", "attention", "attention_det",
        "cross_entropy", "linear_cross_entropy"]
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_test_gpu_check_{name}",
-                                                  ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +183,7 @@ def test_make_gpu_check_rehearses_with_the_venv_elsewhere_and_needs_no_network(t
 
 
 def test_the_most_layers_that_fit_are_found_by_bisection():
-    train = load("train")
+    train = load_benchmark("train")
     asked = []
 
     def fits(n):
@@ -206,7 +196,7 @@ def test_the_most_layers_that_fit_are_found_by_bisection():
 
 
 def test_junit_and_recorded_errors_become_the_correctness_table(tmp_path):
-    correctness = load("correctness")
+    correctness = load_benchmark("correctness")
     (tmp_path / "junit.xml").write_text(textwrap.dedent("""\
         <testsuites><testsuite>
         <testcase classname="tests.test_kernel_rmsnorm" name="test_a[(4, 256)-bfloat16]"
@@ -240,6 +230,6 @@ def test_junit_and_recorded_errors_become_the_correctness_table(tmp_path):
 
 
 def test_a_loss_variant_that_fails_reports_what_its_process_said():
-    loss_memory = load("loss_memory")
+    loss_memory = load_benchmark("loss_memory")
     (row,) = loss_memory.compare(["unfused-torch"], tokens=-1, vocab=8, dim=4, timeout_s=120)
     assert "negative dimension" in row["error"]

@@ -89,7 +89,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     for backend in ("triton", "torch"):
         ops.set_backend(backend, "cpu")
         model = Transformer(CFG, seed=0)
-        for layer in model.layers:
+        for layer in model.layers.values():
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

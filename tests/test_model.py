@@ -91,7 +91,7 @@ def test_init_is_deterministic_with_documented_stds():
         else:
             assert not torch.equal(pa, pc), name
     assert abs(a.tok_embeddings.weight.std().item() - 0.02) < 0.001
-    assert abs(a.layers[0].attention.wo.weight.std().item() - 0.02 / 4) < 0.0005
+    assert abs(a.layers["0"].attention.wo.weight.std().item() - 0.02 / 4) < 0.0005
 
 
 def test_init_rows_of_any_slice_equal_the_same_rows_of_the_whole():

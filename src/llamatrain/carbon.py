@@ -301,7 +301,8 @@ def project(plan: Plan) -> dict[str, Any]:
                          "ib_efficiency": None, "roce_efficiency": None})
             continue
         layout = ib["layout"]
-        rows.append({"gpus": g, "feasible": True, "tp": layout.tp, "dp_shard": layout.dp_shard,
+        rows.append({"gpus": g, "feasible": True, "pp": layout.pp, "tp": layout.tp,
+                     "dp_shard": layout.dp_shard,
                      "dp_replicate": layout.dp_replicate,
                      "tokens_per_gpu": cfg.train.global_batch_tokens / g,
                      "state_gb_per_gpu": state_bytes(cfg.model, layout) / 1e9,
@@ -347,8 +348,10 @@ def format_projection(p: dict[str, Any]) -> str:
         f"{p['tco2eq']:.2f} tCO2eq at {p['intensity_kg_per_kwh']} kg/kWh",
         "",
         f"scaling of the config's layout at a global batch of {p['global_batch_tokens']:,.0f} "
-        f"tokens, {p['link_gbps']:g} Gbps per NIC (efficiency = compute / step time):",
-        f"{'GPUs':>6} {'tp':>3} {'shard':>6} {'tok/GPU':>8} {'state GB':>9} {'node GB':>8} "
+        f"tokens, {p['link_gbps']:g} Gbps per NIC (efficiency = the step's model FLOPs at this "
+        "MFU / step time: communication, pipeline bubble and recomputation cost it):",
+        f"{'GPUs':>6} {'pp':>3} {'tp':>3} {'shard':>6} {'tok/GPU':>8} {'state GB':>9} "
+        f"{'node GB':>8} "
         f"{'compute s':>10} {'IB comm s':>10} {'IB eff':>7} {'RoCE comm s':>12} {'RoCE eff':>9}",
     ]
     for r in p["scaling"]:
@@ -356,7 +359,8 @@ def format_projection(p: dict[str, Any]) -> str:
             lines.append(f"{r['gpus']:>6}  infeasible: {r['refusal']}")
             continue
         lines.append(
-            f"{r['gpus']:>6} {r['tp']:>3} {r['dp_shard']:>6} {r['tokens_per_gpu']:>8,.0f} "
+            f"{r['gpus']:>6} {r['pp']:>3} {r['tp']:>3} {r['dp_shard']:>6} "
+            f"{r['tokens_per_gpu']:>8,.0f} "
             f"{r['state_gb_per_gpu']:>9.1f} {r['node_gb_per_step']:>8.1f} {r['compute_s']:>10.3f} "
             f"{r['ib_comm_s']:>10.3f} {r['ib_efficiency']:>7.1%} {r['roce_comm_s']:>12.3f} "
             f"{r['roce_efficiency']:>9.1%}"

@@ -139,7 +139,16 @@ class DataConfig:
 class ParallelConfig:
     dp_shard: int = _f(-1, "FSDP shard group size (-1 = world size / dp_replicate).")
     dp_replicate: int = _f(1, "Replica groups, HSDP when > 1 (-1 = world size / dp_shard).")
-    tp: int = _f(1, "Tensor (and sequence) parallel degree, inside a node; dp is world size / tp.")
+    tp: int = _f(1, "Tensor (and sequence) parallel degree, inside a node; dp is world size / "
+                    "(pp x tp).")
+    pp: int = _f(1, "Pipeline parallel degree: the blocks split into stages on different ranks "
+                    "(outermost mesh axis, so stages sit on different nodes).")
+    pp_stages_per_rank: int = _f(1, "Pipeline stages each rank holds: 1, or 2 and more for the "
+                                    "interleaved and zero-bubble schedules.")
+    pp_schedule: str = _f("1f1b", "Pipeline schedule: gpipe, 1f1b, interleaved_1f1b or "
+                                  "zero_bubble (torch's interleaved zero bubble, ZB1P).")
+    pp_microbatches: int = _f(0, "Micro-batches per pipeline schedule (0 = the micro-batches a "
+                                 "rank runs in a step); must divide them.")
     activation_checkpointing: str = _f("none", "none, full or selective (every other block).")
     compile: bool = _f(False, "torch.compile each transformer block.")
 
@@ -345,6 +354,7 @@ def _finite(cfg: Config) -> None:
 
 
 TP_CHOICES = (1, 2, 4, 8, 16)
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 # train.float8: off, or torchao's recipe of that name (llamatrain.distributed.float8).
 FLOAT8_MODES = ("none", "tensorwise", "rowwise")
 
@@ -453,6 +463,11 @@ def validate(cfg: Config) -> Config:
         if value == 0 or value < -1:
             raise ValueError(f"parallel.{key} = {value}: expected -1 (the rest) or >= 1")
     _check_tp(cfg)
+    for key in ("pp", "pp_stages_per_rank"):
+        if getattr(p, key) < 1:
+            raise ValueError(f"parallel.{key} = {getattr(p, key)}: expected an integer >= 1")
+    _positive("parallel.pp_microbatches", p.pp_microbatches, zero_ok=True)
+    _choice("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
     if p.dp_shard == -1 and p.dp_replicate == -1:
         raise ValueError("parallel.dp_shard and parallel.dp_replicate are both -1: set one")
     _choice("parallel.activation_checkpointing", p.activation_checkpointing,
@@ -466,11 +481,14 @@ def validate(cfg: Config) -> Config:
     _positive("metrics.profile_steps", cfg.metrics.profile_steps, zero_ok=True)
     _positive("eval.interval", cfg.eval.interval, zero_ok=True)
     _positive("eval.limit", cfg.eval.limit, zero_ok=True)
-    if cfg.eval.tasks and p.tp > 1:
-        # The lm-eval model scores whole logits; under tensor parallelism they stay sharded.
-        raise ValueError(f"eval.tasks = {cfg.eval.tasks!r} with parallel.tp = {p.tp}: "
-                         "benchmarks during training need parallel.tp = 1; evaluate the "
-                         "checkpoints with python -m llamatrain.evaluate instead")
+    for key in ("tp", "pp"):
+        # The lm-eval model scores whole logits of the whole model; under tensor parallelism
+        # they stay sharded, under pipelining each rank holds a part of the model.
+        if cfg.eval.tasks and getattr(p, key) > 1:
+            raise ValueError(f"eval.tasks = {cfg.eval.tasks!r} with parallel.{key} = "
+                             f"{getattr(p, key)}: benchmarks during training need parallel.{key} "
+                             "= 1; evaluate the checkpoints with python -m llamatrain.evaluate "
+                             "instead")
     _positive("carbon.power_w", cfg.carbon.power_w, zero_ok=True)
     _positive("carbon.pue", cfg.carbon.pue)
     _positive("carbon.intensity_kg_per_kwh", cfg.carbon.intensity_kg_per_kwh, zero_ok=True)

@@ -31,11 +31,8 @@ def block_linears(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def num_params(model_cfg: ModelConfig) -> int:
     """Exact parameter count of the Transformer that `model_cfg` describes (untied output)."""
-    dim = model_cfg.dim
-    linears = sum(o * i for o, i in block_linears(model_cfg).values())
-    block = linears + 2 * dim  # + two RMSNorm weights
-    embeddings = 2 * model_cfg.vocab_size * dim  # input table and output projection
-    return model_cfg.n_layers * block + embeddings + dim  # + the final RMSNorm
+    embeddings = 2 * model_cfg.vocab_size * model_cfg.dim  # input table and output projection
+    return model_cfg.n_layers * block_params(model_cfg) + embeddings + model_cfg.dim  # + norm
 
 
 def float8_params(model_cfg: ModelConfig, *, tp: int = 1) -> int:
@@ -51,6 +48,18 @@ def float8_params(model_cfg: ModelConfig, *, tp: int = 1) -> int:
 def num_matmul_params(model_cfg: ModelConfig) -> int:
     """Parameters that multiply activations: all but the input embedding table."""
     return num_params(model_cfg) - model_cfg.vocab_size * model_cfg.dim
+
+
+def block_params(model_cfg: ModelConfig) -> int:
+    """Parameters of one transformer block (attention, feed-forward and the two RMSNorm gains)."""
+    linears = sum(o * i for o, i in block_linears(model_cfg).values())
+    return linears + 2 * model_cfg.dim
+
+
+def block_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of one block: its share of
+    flops_per_token, 6 x its parameters + its attention's 12*H*Q*T."""
+    return 6.0 * block_params(model_cfg) + 12.0 * model_cfg.dim * seq_len
 
 
 def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:

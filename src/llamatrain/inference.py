@@ -121,7 +121,7 @@ def cached_forward(model: Transformer, tokens: torch.Tensor, positions: torch.Te
     with _gathered(model, reshard=False):
         h = model.tok_embeddings(tokens)
         cos, sin = model.rope_cos[positions], model.rope_sin[positions]
-        for i, block in enumerate(model.layers):
+        for i, block in enumerate(model.layers.values()):
             with _gathered(block):
                 att = block.attention
                 x = block.attention_norm(h)

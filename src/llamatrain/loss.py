@@ -33,10 +33,21 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, fused:
     output projection and the loss in one kernel (not for a tensor-parallel output projection)."""
     labels = batch["labels"]
     if fused:
-        loss = model(batch["input_ids"], labels, ignore_index=IGNORE_INDEX)
+        output = model(batch["input_ids"], labels, ignore_index=IGNORE_INDEX)
     else:
-        loss = sequence_loss(model(batch["input_ids"]), labels)
-    return loss, (labels != IGNORE_INDEX).sum()
+        output = model(batch["input_ids"])
+    return output_loss(output, labels, fused=fused), target_count(labels)
+
+
+def output_loss(output: torch.Tensor, labels: torch.Tensor, *, fused: bool) -> torch.Tensor:
+    """The mean loss over the unmasked labels of a model's output: a fused model's output is that
+    loss already (it was given the labels as targets), otherwise the output is logits."""
+    return output if fused else sequence_loss(output, labels)
+
+
+def target_count(labels: torch.Tensor) -> torch.Tensor:
+    """The number of targets the loss counts (not IGNORE_INDEX)."""
+    return (labels != IGNORE_INDEX).sum()
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX

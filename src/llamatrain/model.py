@@ -60,13 +60,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """cos, sin: the rotary tables of at least x's sequence length (positions 0, 1, ...)."""
         batch, seq, _ = x.shape
         # Heads are counted from the projections' width, not n_heads: under tensor parallelism
         # each rank computes only its own heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
-        q, k = ops.rotary(q, k, cos, sin)
+        q, k = ops.rotary(q, k, cos[:seq], sin[:seq])
         out = ops.attention(q, k, v, causal=True)
         return self.wo(out.reshape(batch, seq, -1))
 
@@ -109,14 +110,18 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """`fuse_residual=False` adds each block's output to the stream outside the next norm, for
-    layouts whose norms cannot take the residual (the weights are the same either way)."""
+    layouts whose norms cannot take the residual (the weights are the same either way).
+
+    The blocks are `layers`, keyed by their index in the model. A Transformer with some blocks
+    removed and `tok_embeddings`, or `norm` and `output`, set to None runs what it holds (a
+    pipeline stage is one; its parameters keep the names they have in the whole model)."""
 
     def __init__(self, cfg: ModelConfig, *, seed: int = 0, fuse_residual: bool = True):
         super().__init__()
         self.cfg = cfg
         self.fuse_residual = fuse_residual
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -127,7 +132,7 @@ class Transformer(nn.Module):
 
     def init_rope(self) -> None:
         """(Re)compute the rotary tables, e.g. after materialising a meta-device model."""
-        device = self.output.weight.device
+        device = self.rope_cos.device
         self.rope_cos, self.rope_sin = rope_tables(
             self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device
         )
@@ -144,14 +149,18 @@ class Transformer(nn.Module):
         ignore_index: int = -100,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab); with `targets`, the mean cross-entropy over targets !=
-        ignore_index instead, from the output projection and loss fused (no full logits)."""
-        h, delta = self.tok_embeddings(tokens), None
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        for layer in self.layers:
+        ignore_index instead, from the output projection and loss fused (no full logits).
+
+        Without tok_embeddings, `tokens` is the residual stream (batch, seq, dim) that the
+        blocks before these produced; without output, the residual stream is returned (and
+        `targets` unused)."""
+        h, delta = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens), None
+        for layer in self.layers.values():
             if delta is not None and not self.fuse_residual:
                 h, delta = h + delta, None
-            h, delta = layer(h, delta, cos, sin)
+            h, delta = layer(h, delta, self.rope_cos, self.rope_sin)
+        if self.output is None:
+            return h if delta is None else h + delta
         if delta is None:  # no layers
             normed = self.norm(h)
         elif self.fuse_residual:

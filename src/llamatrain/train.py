@@ -64,6 +64,7 @@ from llamatrain.data.loader import BatchLoader
 from llamatrain.distributed.float8 import Float8
 from llamatrain.distributed.parallel_dims import ParallelDims
 from llamatrain.distributed.parallelize import local_bytes, materialize, parallelize
+from llamatrain.distributed.pipeline import Pipeline
 from llamatrain.distributed.world import World, collective_timeout_s, init_distributed
 from llamatrain.flops import mfu as model_flops_utilisation
 from llamatrain.goodput import Goodput
@@ -241,12 +242,13 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
-        self.dims = ParallelDims.from_config(cfg.parallel, world.world_size,
-                                             world.local_world_size)
-        # The ranks of one tensor-parallel group read the same samples.
+        run = ParallelDims.for_run(cfg, world.world_size, world.local_world_size)
+        self.dims = run.dims
+        # The ranks of one tensor-parallel group, and of one pipeline, read the same samples.
         self.tp, self.dp_size = self.dims.tp, self.dims.dp_size
         self.dp_rank = self.dims.coordinates(world.rank).dp_rank
-        self.global_batch, self.accum = self.dims.batch_geometry(cfg.train)
+        self.global_batch, self.accum = run.global_batch, run.accum
+        self.pp_micro_batches = run.pp_micro_batches
         # Each op's kernel or PyTorch path, on this run's shapes (kernels.backend = auto: timed).
         self.kernel_choice = choose_kernels(cfg, tp=self.dims.tp, device=self.device,
                                             dtype=self.dtype,
@@ -367,9 +369,17 @@ class Trainer:
         self.num_params = num_params(model)
         use_fsdp = world.world_size > 1 or self.device.type == "cuda"
         self.mesh = self.dims.build_mesh(self.device.type) if use_fsdp else None
-        self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype,
-                                 float8=self.float8)
-        materialize(self.model, self.device, seed=cfg.train.seed)
+        self.pipeline = None
+        if self.dims.pp > 1:
+            self.pipeline = Pipeline(cfg, model, self.dims, self.mesh, self.device,
+                                     rank=world.rank, micro_batches=self.pp_micro_batches,
+                                     param_dtype=self.dtype, fused=self._fused,
+                                     float8=self.float8)
+            self.model = self.pipeline.model
+        else:
+            self.model = parallelize(model, cfg.parallel, self.mesh, param_dtype=self.dtype,
+                                     float8=self.float8)
+            materialize(self.model, self.device, seed=cfg.train.seed)
         if self.float8 is not None:
             self.log(self.float8.describe(compiled=cfg.parallel.compile))
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
@@ -468,10 +478,13 @@ class Trainer:
             self.loader.close()
             self.loader = None
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def _fused(self) -> bool:
         # The fused loss needs the whole vocabulary: under tensor parallelism, the sharded logits.
-        fused = self.cfg.kernels.fused_loss and self.tp == 1
-        return micro_batch_loss(self.model, batch, fused=fused)
+        return self.cfg.kernels.fused_loss and self.tp == 1
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return micro_batch_loss(self.model, batch, fused=self._fused)
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over this rank's micro-batches; returns (global loss, grad norm).
@@ -479,26 +492,30 @@ class Trainer:
         The loss is the mean over every unmasked target of the global batch, so SFT's masked
         prompts and unequal micro-batches weigh exactly as they should: each micro-batch's mean is
         weighted by its share of the global target count (FSDP then averages over the data-parallel
-        ranks). Sums over all ranks count each tensor-parallel group tp times."""
+        ranks). Sums over all ranks count each tensor-parallel group tp times, and the targets of
+        each pipeline pp times; under pipelining only the last stage's ranks hold losses."""
         counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro]).to(self.device)
         sync = time.perf_counter()
-        global_count = (_all_reduce(counts.sum().float()) / self.tp).clamp(min=1)
+        global_count = (_all_reduce(counts.sum().float()) / (self.tp * self.dims.pp)).clamp(min=1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the wait for the other ranks, seen by the host
         self.sync_wait_s = time.perf_counter() - sync  # stragglers: the others' lateness
+        scale = float("nan") if self.step in self.faults.nan_steps else 1.0
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        if self.pipeline is not None:
+            total = self.pipeline.step(micro, global_count=global_count, scale=scale)
+            norm = self.pipeline.clip_grad_norm_(max_norm)
+            return (_all_reduce(total) / self.tp).item(), norm.item()
         total = torch.zeros((), device=self.device)
         with loss_context(self.mesh):
             for i, batch in enumerate(micro):
                 if self.mesh is not None:
                     self.model.set_requires_gradient_sync(i == len(micro) - 1)
                 loss, count = self._loss(batch)
-                if self.step in self.faults.nan_steps:
-                    loss = loss * float("nan")
-                share = loss * count / global_count
+                share = loss * scale * count / global_count
                 (share * self.dp_size).backward()
                 total += share.detach()
         loss = (_all_reduce(total) / self.tp).item()
-        max_norm = self.cfg.train.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         return loss, norm.item()
@@ -512,13 +529,16 @@ class Trainer:
             return None
         self.model.eval()
         mine = list(range(self.dp_rank, n, dp_size))
-        total = torch.zeros(2, device=self.device)
-        with loss_context(self.mesh):
-            for i in range(0, len(mine), mbs):
-                batch = {k: v.to(self.device)
-                         for k, v in self.val_data.get_batch(mine[i : i + mbs]).items()}
-                loss, count = self._loss(batch)
-                total += torch.stack([loss * count, count.float()])
+        batches = [{k: v.to(self.device) for k, v in self.val_data.get_batch(ids).items()}
+                   for ids in (mine[i : i + mbs] for i in range(0, len(mine), mbs))]
+        if self.pipeline is not None:
+            total = self.pipeline.evaluate(batches)
+        else:
+            total = torch.zeros(2, device=self.device)
+            with loss_context(self.mesh):
+                for batch in batches:
+                    loss, count = self._loss(batch)
+                    total += torch.stack([loss * count, count.float()])
         self.model.train()
         total = _all_reduce(total)  # each tp group counted tp times, in numerator and denominator
         return (total[0] / total[1].clamp(min=1)).item()

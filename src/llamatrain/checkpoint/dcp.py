@@ -58,6 +58,10 @@ from llamatrain.checkpoint.rundir import (
 from llamatrain.config import CheckpointConfig
 
 TRAINER_STATE = "trainer.json"
+# The optimizer's state and hyperparameters keyed by parameter name ("state.<fqn>.exp_avg",
+# "param_groups.<fqn>.lr"), not as lists of the parameters a rank holds: under pipelining each
+# rank holds other parameters, and a checkpoint resumes at any pp degree.
+OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # Files each rank writes in parallel: one writer thread leaves fast disks half idle while it
 # serialises (benchmarks/checkpoint.py: about 55% of raw write speed with 1, 80-95% with 4).
 WRITE_THREADS = 4
@@ -170,7 +174,7 @@ class Checkpointer:
 
     @staticmethod
     def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_OPTIONS)
         return {"model": model_sd, "optim": optim_sd}
 
     def save(
@@ -349,7 +353,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:  # any failure to read: try the previous
             return False, f"{type(e).__name__}: {e}".splitlines()[0][:300]
         set_state_dict(model, optimizer, model_state_dict=app_state["model"],
-                       optim_state_dict=app_state["optim"])
+                       optim_state_dict=app_state["optim"], options=OPTIM_OPTIONS)
         if rng_state is not None:
             _set_rng_state(rng_state)
         return True, ""

@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llamatrain.config import ParallelConfig, TrainConfig
+from llamatrain.config import Config, ParallelConfig, TrainConfig
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+# Pipeline schedules with one stage per rank; the others interleave several (looped).
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,16 @@ class Coordinates:
     dp_shard: int
     tp: int
     dp_rank: int  # among the dp_replicate x dp_shard data-parallel ranks
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """What a run of a config on a world size is laid out as (ParallelDims.for_run)."""
+
+    dims: ParallelDims
+    global_batch: int  # sequences per step
+    accum: int  # micro-batches per data-parallel rank and step
+    pp_micro_batches: int  # micro-batches per run of the pipeline schedule (accum without one)
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,7 @@ class ParallelDims:
         world_size / (pp x tp)."""
         if world_size < 1:
             raise ValueError(f"world size = {world_size}: expected >= 1")
-        pp, tp = getattr(cfg, "pp", 1), cfg.tp
+        pp, tp = cfg.pp, cfg.tp
         if world_size % tp:
             raise ValueError(f"parallel.tp = {tp}: must divide the world size {world_size}")
         if gpus_per_node is not None and gpus_per_node % tp:
@@ -84,6 +96,19 @@ class ParallelDims:
                 f"{cfg.dp_shard}: must multiply to {size}")
         return cls(pp, replicate, shard, tp)
 
+    @classmethod
+    def for_run(cls, cfg: Config, world_size: int, gpus_per_node: int | None = None
+                ) -> RunLayout:
+        """The one rule of whether cfg's layout runs on world_size ranks, which the trainer,
+        `plan` and `carbon project` all call: the degrees (from_config), the batch geometry
+        over the data-parallel ranks and the pipeline's micro-batches, or the first ValueError
+        among them (one line naming the key, the value and what would work)."""
+        dims = cls.from_config(cfg.parallel, world_size, gpus_per_node)
+        global_batch, accum = dims.batch_geometry(cfg.train)
+        micro = dims.pipeline_micro_batches(cfg.parallel, n_layers=cfg.model.n_layers,
+                                            accum=accum)
+        return RunLayout(dims, global_batch, accum, micro)
+
     @property
     def world_size(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.tp
@@ -108,6 +133,55 @@ class ParallelDims:
     def batch_geometry(self, cfg: TrainConfig) -> tuple[int, int]:
         return batch_geometry(cfg, self.dp_size)
 
+    def pipeline_micro_batches(self, cfg: ParallelConfig, *, n_layers: int, accum: int) -> int:
+        """The micro-batches of one run of the pipeline schedule (accum when there is no
+        pipeline), or the ValueError that names what breaks the pipeline's rules: every stage
+        holds at least one block, the schedule has the stages per rank it needs, and the
+        micro-batches divide the accum a data-parallel rank runs per step and fill the
+        pipeline (at least pp of them; a multiple of pp for the interleaved schedules)."""
+        pp, v, schedule = self.pp, cfg.pp_stages_per_rank, cfg.pp_schedule
+        if pp == 1:
+            if v > 1:
+                raise ValueError(f"parallel.pp_stages_per_rank = {v}: needs parallel.pp > 1")
+            return accum
+        if schedule in SINGLE_STAGE_SCHEDULES and v != 1:
+            raise ValueError(f"parallel.pp_stages_per_rank = {v}: parallel.pp_schedule = "
+                             f"{schedule!r} runs one stage per rank (would work: 1, or "
+                             "parallel.pp_schedule = 'interleaved_1f1b' or 'zero_bubble')")
+        if schedule not in SINGLE_STAGE_SCHEDULES and v < 2:
+            raise ValueError(f"parallel.pp_stages_per_rank = {v}: parallel.pp_schedule = "
+                             f"{schedule!r} interleaves 2 or more stages per rank (would work: "
+                             "2 or more, or parallel.pp_schedule = '1f1b')")
+        if pp * v > n_layers:
+            fits = [d for d in range(1, v + 1) if pp * d <= n_layers]
+            hint = (f"parallel.pp_stages_per_rank = {', '.join(map(str, fits))}" if fits
+                    else f"parallel.pp <= {n_layers}")
+            raise ValueError(f"parallel.pp = {pp}: pp x pp_stages_per_rank = {pp} x {v} = "
+                             f"{pp * v} stages for model.n_layers = {n_layers} blocks; every "
+                             f"stage holds at least one (would work: {hint})")
+        looped = schedule not in SINGLE_STAGE_SCHEDULES
+
+        def fills(m: int) -> bool:
+            return m >= pp and (not looped or m % pp == 0)
+
+        rule = f"a multiple of parallel.pp = {pp}" if looped else f"at least parallel.pp = {pp}"
+        if cfg.pp_microbatches == 0:
+            if not fills(accum):
+                raise ValueError(
+                    f"parallel.pp = {pp}: a data-parallel rank runs {accum} micro-batch(es) per "
+                    f"step, which do not fill the pipeline ({schedule} needs {rule}; would "
+                    "work: a smaller train.micro_batch_size, a larger train.global_batch_tokens "
+                    "or fewer data-parallel ranks)")
+            return accum
+        m = cfg.pp_microbatches
+        if accum % m or not fills(m):
+            fits = [d for d in range(1, accum + 1) if accum % d == 0 and fills(d)]
+            raise ValueError(
+                f"parallel.pp_microbatches = {m}: must divide the {accum} micro-batch(es) a "
+                f"data-parallel rank runs per step and be {rule} (would work: "
+                f"{', '.join(map(str, [0, *fits]))})")
+        return m
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The device mesh over the process group: axes pp, dp_replicate and tp where their
         degree is > 1, dp_shard always (FSDP shards over it, even when it is 1)."""
@@ -116,6 +190,27 @@ class ParallelDims:
         axes = {name: size for name, size in self.shape.items()
                 if size > 1 or name == "dp_shard"}
         return init_device_mesh(device_type, tuple(axes.values()), mesh_dim_names=tuple(axes))
+
+
+def stage_blocks(n_layers: int, num_stages: int) -> list[range]:
+    """The blocks of each pipeline stage (distributed.pipeline builds the stages): an even
+    split; a remainder goes one block each to the inner stages, then to the first, then to the
+    last, because the first also holds the embedding and the last the final norm, the output
+    projection and the loss."""
+    assert 1 <= num_stages <= n_layers, (num_stages, n_layers)
+    base, extra = divmod(n_layers, num_stages)
+    sizes = [base] * num_stages
+    order = list(range(1, num_stages - 1)) + [0, num_stages - 1]
+    for s in order[:extra]:
+        sizes[s] += 1
+    starts = [sum(sizes[:s]) for s in range(num_stages)]
+    return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+
+
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
+    """The stages pipeline rank pp_rank holds, looped as torch's interleaved schedules place
+    them: r, r + pp, r + 2 pp, ..."""
+    return [pp_rank + k * pp for k in range(stages_per_rank)]
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:

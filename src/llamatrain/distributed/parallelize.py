@@ -48,17 +48,21 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 def apply_tp(model: Transformer, mesh: DeviceMesh, float8: Float8 | None = None) -> None:
     """Tensor and sequence parallelism over `mesh` (the tp axis), in place; with tensorwise
     float8, torchao's float8 styles for the converted linears."""
-    parallelize_module(model, mesh, {
+    edges = {
         # Each rank looks up its vocabulary rows; the partial sums are reduce-scattered
         # along the sequence.
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         # Logits stay sharded over the vocabulary for the loss-parallel cross-entropy.
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
                                   use_local_output=False),
-    })
+    }
+    # A pipeline stage holds the embedding or the output projection only at the ends.
+    edges = {name: style for name, style in edges.items() if getattr(model, name) is not None}
+    if edges:
+        parallelize_module(model, mesh, edges)
     gather = {"input_layouts": (Shard(1), None, None),
               "desired_input_layouts": (Replicate(), None, None), "use_local_output": True}
-    for block in model.layers:
+    for block in model.layers.values():
         styles = float8.tp_styles(block) if float8 is not None else {}
 
         def style(name: str, plain: type, styles=styles, **kwargs):
@@ -101,16 +105,19 @@ def parallelize(
     float8: Float8 | None = None,
 ) -> Transformer:
     """Apply float8 conversion, tensor parallelism, activation checkpointing, compile and FSDP2
-    in torchtitan's order, in place."""
+    in torchtitan's order, in place; to a whole model or to one pipeline stage
+    (distributed.pipeline) alike."""
     tp = tp_mesh(mesh)
     if float8 is not None:
         float8.convert(model, tp=tp.size() if tp is not None else 1,
                        dp_shard=mesh["dp_shard"].size() if mesh is not None else 1)
     if tp is not None:
         apply_tp(model, tp, float8)
-    for i, block in enumerate(model.layers):
+    for key, block in model.layers.items():
+        # Selective checkpointing picks blocks by their index in the whole model, so that a
+        # pipeline stage recomputes what the same blocks recompute without pipelining.
         if cfg.activation_checkpointing == "full" or (
-            cfg.activation_checkpointing == "selective" and i % 2 == 0
+            cfg.activation_checkpointing == "selective" and int(key) % 2 == 0
         ):
             _checkpointed(block)
         if cfg.compile:
@@ -120,9 +127,13 @@ def parallelize(
     mesh = dp_mesh(mesh)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(model.layers.values()):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < last)
+        # Under pipelining a stage's forwards and backwards of all micro-batches interleave:
+        # its parameters stay gathered for the whole step (as torchtitan does), rather than
+        # gathered again for every micro-batch; the schedule reshards them after the last.
+        reshard = i < last and cfg.pp == 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
 
