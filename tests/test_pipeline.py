@@ -132,7 +132,12 @@ def test_every_schedule_gives_the_losses_of_one_process(runs, schedule, fmt):
 
 def test_float8_stages_give_the_losses_of_one_float8_process(runs):
     root = runs["root"]
-    assert_same_run(root / "float8", root / "one-float8")
+    # float8 rounds each operand to 3 mantissa bits: a last-bit fp32 difference between the
+    # stages' and one process's sums can move a value by a float8 step (grad norms were seen
+    # 6e-4 apart at step 3), so the losses are compared to 1e-3, not 1e-5.
+    got, want = records(root / "float8"), records(root / "one-float8")
+    for step in range(1, STEPS + 1):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-3), step
     # Converted: not the losses of the unconverted run.
     assert records(root / "float8")[STEPS]["loss"] != records(root / "one-pre")[STEPS]["loss"]
 
