@@ -100,6 +100,24 @@ def test_local_cluster_listens_on_loopback_only_and_keeps_its_state_private(clus
     assert cluster.state.stat().st_mode & 0o777 == 0o700
 
 
+def test_local_cluster_down_leaves_a_process_that_took_a_stale_pid_files_number(tmp_path):
+    import subprocess
+
+    for node in ("n1", "n2"):
+        (tmp_path / node).mkdir()
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        # The daemons died without their pid files; pids wrap: the number is another process's.
+        for name in ("slurmctld.pid", "n1/slurmd.pid"):
+            (tmp_path / name).write_text(f"{bystander.pid}\n")
+        subprocess.run([str(LAUNCH / "local-cluster"), "down", "--state", str(tmp_path)],
+                       check=True, capture_output=True, timeout=30)
+        assert bystander.poll() is None  # not sent SIGTERM
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_local_cluster_up_again_is_a_no_op_on_a_running_cluster(cluster):
     pid_before = (cluster.state / "slurmctld.pid").read_text()
 
