@@ -25,6 +25,14 @@ def _cases(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return list(seen)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay the figure out, write it as a PNG at `path` and free it; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _grid(n: int) -> tuple[Any, list[Any]]:
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
@@ -57,10 +65,7 @@ def kernel_plots(rows: list[dict[str, Any]], limits: dict[str, float] | None, ou
         ax.set_ylabel("median ms")
     axes[0].legend(fontsize=8)
     fig.suptitle("Kernel time per provider (lower is better)")
-    fig.tight_layout()
-    paths.append(out / f"{stem}-kernels-time.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, out / f"{stem}-kernels-time.png"))
 
     fig, axes = _grid(len(cases))
     for ax, (op, shape) in zip(axes, cases, strict=True):
@@ -76,10 +81,7 @@ def kernel_plots(rows: list[dict[str, Any]], limits: dict[str, float] | None, ou
         ax.set_title(f"{op} ({shape})")
         ax.set_ylabel(f"forward+backward {unit}")
     fig.suptitle("Kernel throughput per provider (higher is better)")
-    fig.tight_layout()
-    paths.append(out / f"{stem}-kernels-rate.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, out / f"{stem}-kernels-rate.png"))
     return paths
 
 
@@ -104,11 +106,7 @@ def scaling_plot(projections: dict[str, dict[str, Any]], out: Path, stem: str) -
     batch = next(iter(projections.values()))["global_batch_tokens"]
     ax.set_title(f"FSDP + TP at a {batch / 2**20:g}M-token global batch: modelled scaling")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / f"{stem}-scaling.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / f"{stem}-scaling.png")]
 
 
 def find_curve(data: Any) -> list[dict[str, Any]]:
@@ -151,11 +149,7 @@ def train_plot(train: Any, out: Path, stem: str) -> list[Path]:
     ax_tps.set_xlabel("step")
     ax_tps.set_ylabel("tokens/s per device")
     fig.suptitle("Training benchmark")
-    fig.tight_layout()
-    path = out / f"{stem}-train.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / f"{stem}-train.png")]
 
 
 def train_compare_plot(curves: dict[str, list[dict[str, Any]]], out: Path, stem: str
@@ -174,11 +168,7 @@ def train_compare_plot(curves: dict[str, list[dict[str, Any]]], out: Path, stem:
         ax.set_ylabel(what)
         ax.legend(fontsize=8)
     fig.suptitle("Training: the same model, data and seed with each kernels.backend")
-    fig.tight_layout()
-    path = out / f"{stem}-train.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / f"{stem}-train.png")]
 
 
 def plot_all(results: dict[str, Any], out: Path, stem: str) -> list[Path]:

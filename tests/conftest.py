@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a test's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 def load_benchmark(name: str) -> ModuleType:
     """benchmarks/<name>.py, loaded once under a private name: `kernels` alone would be the

@@ -4,7 +4,6 @@ on a machine without CUDA, importing the kernels switches Triton's interpreter o
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from kernel_helpers import DEVICE, assert_close
 
 from llamatrain import ops
@@ -104,12 +104,6 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(losses, f)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fsdp2_training_step_on_two_gloo_ranks_with_triton_equals_torch(tmp_path, monkeypatch):

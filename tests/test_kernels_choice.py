@@ -3,13 +3,13 @@ rank takes rank 0's choice; train.deterministic and a forced backend decide with
 implementation that fails is not chosen. Timed on a CPU with injected timers."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from llamatrain import ops
 from llamatrain.config import load_config
@@ -51,12 +51,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_auto_times_on_rank_0_and_every_rank_takes_its_choice(tmp_path):
