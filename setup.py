@@ -1,4 +1,4 @@
-"""Installs llamatrain from src/ and llamatrain.kernels from the top-level kernels/ folder."""
+"""Installs llamatrain (with llamatrain.kernels) from src/."""
 
 from setuptools import setup
 
@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=["llamatrain", "llamatrain.checkpoint", "llamatrain.data", "llamatrain.distributed",
               "llamatrain.kernels"],
-    package_dir={"llamatrain": "src/llamatrain", "llamatrain.kernels": "kernels"},
+    package_dir={"": "src"},
     install_requires=[
         "torch>=2.11",  # the oldest torch make test checks (.venv-gpuimage)
         "numpy>=1.24",

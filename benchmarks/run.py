@@ -54,8 +54,8 @@ from llamatrain.config import CarbonConfig, load_config  # noqa: E402
 
 
 def _sibling(name: str) -> ModuleType:
-    """Load benchmarks/<name>.py under a private name: `kernels` alone would be the top-level
-    kernels/ package wherever the repository root is on sys.path."""
+    """Load benchmarks/<name>.py under a private name, never as a top-level module that could
+    shadow an installed package."""
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", HERE / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

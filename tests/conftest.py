@@ -31,8 +31,8 @@ def free_port() -> int:
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """benchmarks/<name>.py, loaded once under a private name: `kernels` alone would be the
-    repository's top-level kernels/ package."""
+    """benchmarks/<name>.py, loaded once under a private name, never as a top-level module that
+    could shadow an installed package or another test's."""
     key = f"_test_bench_{name}"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, REPO / "benchmarks" / f"{name}.py")
