@@ -33,7 +33,8 @@ setup(
         # no dependencies; 0.18.0 is what the tests run (CPU emulation).
         "float8": ["torchao>=0.18"],
         # Hugging Face export (tokenizer.json) and §2.3 benchmarks through lm-evaluation-harness.
-        "eval": ["safetensors>=0.4", "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5", "accelerate>=0.26"],
+        "eval": ["safetensors>=0.4", "tokenizers>=0.15", "lm-eval>=0.4.13,<0.5",
+                 "accelerate>=0.26"],
         "wandb": ["wandb>=0.16"],
         "tensorboard": ["tensorboard>=2.15"],
         # flash-attn builds against the local CUDA toolkit; NVIDIA apex is not on PyPI and is

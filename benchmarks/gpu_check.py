@@ -78,7 +78,7 @@ SECTIONS = (
     Section("preflight", "Preflight", "preflight", 30, 45),
     Section("limits", "GPU limits", "limits", 20, 20),
     Section("correctness", "Correctness of every kernel", "correctness", 90, 60),
-    Section("kernels", "Kernels against PyTorch and the others", "kernels", 120, 60),
+    Section("kernels", "Kernels against PyTorch and the others", "kernel_speed", 120, 60),
     Section("loss_memory", "Peak memory of the loss", "loss_memory", 30, 45),
     Section("train_triton", "Training, llamatrain kernels", "train", 90, 45, args=("triton",)),
     Section("train_torch", "Training, kernels.backend = torch", "train", 75, 45,

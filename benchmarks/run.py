@@ -1,10 +1,10 @@
 """`make bench`: measure what llamatrain exists for and leave results that a person can read and a
 machine can compare, in benchmarks/results/<device>-<date>.{json,md} plus PNG plots.
 
-On CUDA: this GPU's limits (limits.py), then the kernel table (kernels.py). Everywhere: the data,
-training and checkpoint benchmarks (data.py, train.py, checkpoint.py in this folder, each run as
-`python X.py --json PATH`; a missing one is skipped with one line), Table 2 and projections of the
-paper's runs (llamatrain.carbon), and the energy and carbon of this benchmark run itself. With
+On CUDA: this GPU's limits (limits.py), then the kernel table (kernel_speed.py). Everywhere: the
+data, training and checkpoint benchmarks (data.py, train.py, checkpoint.py in this folder, each run
+as `python X.py --json PATH`; a missing one is skipped with one line), Table 2 and projections of
+the paper's runs (llamatrain.carbon), and the energy and carbon of this benchmark run itself. With
 --profile, a torch.profiler trace of the five ops forward and backward, for Perfetto or TensorBoard.
 
 Usage: python benchmarks/run.py [--profile] [--out DIR] [--quick]
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     meter = carbon.EnergyMeter(device)
     stem = f"{device_slug(device)}-{datetime.date.today().isoformat()}"
     args.out.mkdir(parents=True, exist_ok=True)
-    kernels_mod = _sibling("kernels")
+    kernels_mod = _sibling("kernel_speed")
     sections: dict[str, Any] = {}
 
     if device.type == "cuda":

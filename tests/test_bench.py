@@ -15,7 +15,7 @@ from conftest import load_benchmark
 ROOT = Path(__file__).resolve().parents[1]
 
 
-kernels = load_benchmark("kernels")
+kernels = load_benchmark("kernel_speed")
 limits = load_benchmark("limits")
 run = load_benchmark("run")
 plots = load_benchmark("plots")
