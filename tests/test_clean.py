@@ -25,6 +25,7 @@ from conftest import REPO, run_train, tiny_args
 from slurm_cluster import LAUNCH, start_cluster, stop_cluster
 
 from llamatrain.data import clean as cl
+from llamatrain.data import clean_records as rio
 from llamatrain.data import readers
 from llamatrain.data.__main__ import main as data_main
 from llamatrain.data.__main__ import prepare_dir
@@ -362,7 +363,7 @@ def test_kept_records_are_written_back_whole(planted, cleaned):
     typed = [s for s in schemas if "rank" in s.names]
     assert typed and all(s.field("rank").type == pa.int32() for s in typed)
     assert all(s.field("tags").type == pa.list_(pa.string()) for s in typed)
-    assert not any(cl.SOURCE_FIELD in s.names for s in schemas)
+    assert not any(rio.SOURCE_FIELD in s.names for s in schemas)
     assert not (out / "work" / "filtered").exists()  # the intermediate copy is gone
 
 
@@ -394,7 +395,7 @@ def test_a_killed_clean_resumes_where_it_stopped_with_the_same_output(planted, c
     args = ["clean", "--input", str(planted.inputs), "--out", str(out), "--block-domains",
             str(planted.block_list), *OPTIONS]
 
-    write = cl.RecordWriter.run
+    write = rio.RecordWriter.run
 
     def killed(self, data, rank=0, world_size=1):
         for i, doc in enumerate(write(self, data, rank, world_size)):
@@ -403,7 +404,7 @@ def test_a_killed_clean_resumes_where_it_stopped_with_the_same_output(planted, c
             yield doc
 
     with monkeypatch.context() as m:
-        m.setattr(cl.RecordWriter, "run", killed)
+        m.setattr(rio.RecordWriter, "run", killed)
         with pytest.raises(KeyboardInterrupt):
             data_main(args)
     done = out / "work" / "logs" / "filter" / "completions" / "00000"
@@ -522,16 +523,16 @@ def test_readme_states_the_minhash_parameters_and_what_they_remove():
 
 
 def test_a_file_too_big_to_hold_is_checked_whole_before_any_record_is_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(cl, "HOLD_BYTES", 100)
+    monkeypatch.setattr(rio, "HOLD_BYTES", 100)
     monkeypatch.setattr(readers, "TASK_BYTES", 64)  # many pieces per file
     lines = [json.dumps({"text": f"document {i}", "n": i}) for i in range(50)]
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     good.write_text("\n".join(lines) + "\n")
     bad.write_text("\n".join(lines) + "\n{oops\n")
-    records = [r for r, _ in cl._file_records(good, 0, ("text",))]
+    records = [r for r, _ in rio._file_records(good, 0, ("text",))]
     assert records == [{"text": f"document {i}", "n": i} for i in range(50)]
     with pytest.raises(readers.DocumentError, match="line 51: invalid JSON"):
-        next(cl._file_records(bad, 0, ("text",)))
+        next(rio._file_records(bad, 0, ("text",)))
     long = tmp_path / "long.txt"
     long.write_text("A line of a long text document.\n" * 40)
-    assert [r for r, _ in cl._file_records(long, 0, ("text",))] == [{"text": long.read_text()}]
+    assert [r for r, _ in rio._file_records(long, 0, ("text",))] == [{"text": long.read_text()}]
