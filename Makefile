@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 # On a machine without CUDA, the CPU build of torch (on local disk here) goes in first, so that
 # setup.py's range does not pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
+# ... and every other package at the version of the last green run (pip constraints; empty: the
+# newest that setup.py's ranges allow).
+CONSTRAINTS ?= tests/constraints.txt
 # Whether the system's python3 has a torch that sees a GPU: torch is asked, not nvidia-smi (which
 # a GPU machine may not have on PATH), and a .venv carried to a GPU machine cannot change the
 # answer. Recursive (=): only the targets that use it pay for importing torch.
@@ -37,11 +40,13 @@ IMAGE_DESELECT ?= -k 'not gqa8:1-d64-seq131 and not each_gpu_launch_config'
 .PHONY: setup system-deps test test-gpu-image lint demo bench gpu-check cluster-up cluster-down \
   config-reference
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if [ -z "$(SYSTEM_CUDA)" ]; then $(PY) -m pip install -q $(TORCH_CPU); fi
-	$(PY) -m pip install -q -e '.[dev]'
+	if [ -z "$(SYSTEM_CUDA)" ]; then \
+	  $(PY) -m pip install -q $(TORCH_CPU) && \
+	  $(PY) -m pip install -q -e '.[dev]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS),); \
+	else $(PY) -m pip install -q -e '.[dev]'; fi
 	touch $@
 
 setup: $(VENV)/.installed
